@@ -1,0 +1,47 @@
+"""Backbone registry: ``create("conv4", in_channels=1, image_size=(28, 28))``.
+
+Every backbone is an ``nn.Module`` mapping images ``[M, C, H, W]`` to features
+``[M, out_features]`` and stating ``out_features``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator adding a backbone factory ``f(in_channels, image_size, **options)`` to the registry."""
+
+    def wrap(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        _REGISTRY[name] = factory
+        return factory
+
+    return wrap
+
+
+def available() -> list[str]:
+    """Names accepted by :func:`create`."""
+    return sorted(_REGISTRY)
+
+
+def create(name: str, in_channels: int = 3, image_size: tuple[int, int] | int = 84, **options) -> nn.Module:
+    """Build a backbone by name; ``out_features`` is set for the given input size."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(available())}")
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    model = _REGISTRY[name](in_channels=in_channels, image_size=size, **options)
+    model.name = name  # type: ignore[assignment]
+    model.in_channels = in_channels  # type: ignore[assignment]
+    model.image_size = size  # type: ignore[assignment]
+    if not hasattr(model, "out_features"):
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            model.out_features = int(model(torch.zeros(1, in_channels, *size)).shape[1])  # type: ignore[assignment]
+            model.train(was)
+    return model

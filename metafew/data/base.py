@@ -1,0 +1,180 @@
+"""The in-memory dataset every sampler and learner works on.
+
+A :class:`FewShotDataset` is a labelled set of images held as one uint8 tensor
+``[N, C, H, W]`` (decoded once, cached on disk), a label tensor ``[N]`` and the
+class names. Class names and labels are known from the file listing alone;
+images are decoded on first access of :attr:`images`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import DatasetError
+from ..paths import cache_dir
+
+ImageLoader = Callable[[], np.ndarray]
+
+
+class FewShotDataset:
+    """Images of one split, grouped by class.
+
+    Args:
+        name: a readable identifier, e.g. ``"omniglot/vinyals-train"``.
+        labels: class index of every image, ``[N]`` in ``0..len(classes)-1``.
+        classes: class names, one per label value.
+        images: a uint8 tensor ``[N, C, H, W]``, or a zero-argument callable that
+            decodes and returns it (as a numpy or torch uint8 array) on first use.
+        mean, std: per-channel normalisation statistics in ``[0, 1]`` units.
+        image_size: ``(H, W)``; channels: ``C`` (known without decoding).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        labels: Sequence[int] | np.ndarray | torch.Tensor,
+        classes: Sequence[str],
+        images: torch.Tensor | np.ndarray | ImageLoader,
+        *,
+        channels: int,
+        image_size: tuple[int, int],
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
+        self.name = name
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        self.classes = list(classes)
+        self.channels = int(channels)
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.mean = tuple(float(m) for m in (mean if mean is not None else [0.5] * self.channels))
+        self.std = tuple(float(s) for s in (std if std is not None else [0.5] * self.channels))
+        self._images: torch.Tensor | None = None
+        self._loader: ImageLoader | None = None
+        if callable(images):
+            self._loader = images
+        else:
+            self._images = self._check_images(images)
+        if self.labels.ndim != 1:
+            raise DatasetError(f"{name}: labels must be one-dimensional, got shape {tuple(self.labels.shape)}")
+        if len(self.labels) and (int(self.labels.min()) < 0 or int(self.labels.max()) >= len(self.classes)):
+            raise DatasetError(f"{name}: labels fall outside 0..{len(self.classes) - 1}")
+
+    # -- images -----------------------------------------------------------------
+    @property
+    def images(self) -> torch.Tensor:
+        """uint8 ``[N, C, H, W]``; decoded (or read from the disk cache) on first access."""
+        if self._images is None:
+            assert self._loader is not None
+            self._images = self._check_images(self._loader())
+            self._loader = None
+        return self._images
+
+    def _check_images(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
+        t = torch.as_tensor(images)
+        if t.dtype != torch.uint8 or t.ndim != 4:
+            raise DatasetError(f"{self.name}: images must be uint8 [N, C, H, W], got {t.dtype} {tuple(t.shape)}")
+        if t.shape[0] != len(self.labels):
+            raise DatasetError(f"{self.name}: {t.shape[0]} images but {len(self.labels)} labels")
+        return t.contiguous()
+
+    @property
+    def is_loaded(self) -> bool:
+        return self._images is not None
+
+    # -- class structure --------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def class_counts(self) -> torch.Tensor:
+        """Number of images of each class, ``[num_classes]``."""
+        return torch.bincount(self.labels, minlength=self.num_classes)
+
+    def subset(self, class_ids: Sequence[int], name: str | None = None) -> FewShotDataset:
+        """A dataset of the given classes only, relabelled ``0..len(class_ids)-1``."""
+        class_ids = [int(c) for c in class_ids]
+        remap = torch.full((self.num_classes,), -1, dtype=torch.long)
+        remap[torch.tensor(class_ids, dtype=torch.long)] = torch.arange(len(class_ids))
+        keep = remap[self.labels] >= 0
+        index = keep.nonzero().squeeze(1)
+        parent = self
+
+        def load() -> torch.Tensor:
+            return parent.images[index]
+
+        return FewShotDataset(
+            name or f"{self.name}[{len(class_ids)} classes]",
+            remap[self.labels[index]],
+            [self.classes[c] for c in class_ids],
+            parent.images[index] if parent.is_loaded else load,
+            channels=self.channels,
+            image_size=self.image_size,
+            mean=self.mean,
+            std=self.std,
+        )
+
+    # -- torch Dataset protocol (interop with DataLoader, learn2learn, ...) ------
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        """One image as normalised float ``[C, H, W]`` and its label."""
+        x = self.images[i].float().div_(255)
+        mean = torch.tensor(self.mean).view(-1, 1, 1)
+        std = torch.tensor(self.std).view(-1, 1, 1)
+        return (x - mean) / std, int(self.labels[i])
+
+    def __repr__(self) -> str:
+        h, w = self.image_size
+        return (
+            f"{type(self).__name__}(name={self.name!r}, images={len(self)}, classes={self.num_classes}, "
+            f"shape=({self.channels}, {h}, {w}))"
+        )
+
+
+# -- disk cache of decoded images ------------------------------------------------
+
+
+def cache_key(*parts: object) -> str:
+    """A short stable hash of what determines a decoded array (files, size, version)."""
+    h = hashlib.sha1()
+    for p in parts:
+        h.update(repr(p).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def cached_array(name: str, key: str, build: Callable[[], np.ndarray]) -> np.ndarray:
+    """Return ``build()``, cached as ``<cache>/decoded/<name>-<key>.npy``.
+
+    The file is written atomically (temp file + rename), so an interrupted decode
+    never leaves a half-written cache behind. Loading a cached array is a single
+    ``np.load``: a second load of a whole dataset takes well under a second.
+    """
+    path = cache_dir() / "decoded" / f"{name}-{key}.npy"
+    if path.exists():
+        try:
+            return np.load(path)
+        except (OSError, ValueError):
+            path.unlink(missing_ok=True)  # corrupt cache: rebuild
+    array = build()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache dir only costs a re-decode next time
+    return array
+
+
+def as_path(p: str | os.PathLike[str]) -> Path:
+    return Path(p).expanduser()
