@@ -38,6 +38,8 @@ def create(name: str, in_channels: int = 3, image_size: tuple[int, int] | int = 
     model.name = name  # type: ignore[assignment]
     model.in_channels = in_channels  # type: ignore[assignment]
     model.image_size = size  # type: ignore[assignment]
+    if not hasattr(model, "options"):
+        model.options = dict(options)  # type: ignore[assignment]  # so checkpoints can rebuild it
     if not hasattr(model, "out_features"):
         with torch.no_grad():
             was = model.training

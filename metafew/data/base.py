@@ -8,10 +8,11 @@ images are decoded on first access of :attr:`images`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -155,25 +156,57 @@ def cached_array(name: str, key: str, build: Callable[[], np.ndarray]) -> np.nda
     """Return ``build()``, cached as ``<cache>/decoded/<name>-<key>.npy``.
 
     The file is written atomically (temp file + rename), so an interrupted decode
-    never leaves a half-written cache behind. Loading a cached array is a single
-    ``np.load``: a second load of a whole dataset takes well under a second.
+    never leaves a half-written cache behind, and concurrent processes (pytest-xdist
+    workers, DDP ranks) wait on a lock file instead of decoding the same images twice.
+    Loading a cached array is a single ``np.load``.
     """
     path = cache_dir() / "decoded" / f"{name}-{key}.npy"
-    if path.exists():
-        try:
-            return np.load(path)
-        except (OSError, ValueError):
-            path.unlink(missing_ok=True)  # corrupt cache: rebuild
-    array = build()
+    cached = _load_npy(path)
+    if cached is not None:
+        return cached
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
     except OSError:
-        pass  # a read-only cache dir only costs a re-decode next time
+        return build()  # no writable cache: decode every time
+    with _file_lock(path.with_suffix(".lock")):
+        cached = _load_npy(path)  # another process may have built it while we waited
+        if cached is not None:
+            return cached
+        array = build()
+        try:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, array)
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a full or read-only cache only costs a re-decode next time
     return array
+
+
+def _load_npy(path: Path) -> np.ndarray | None:
+    if not path.exists():
+        return None
+    try:
+        return np.load(path)
+    except (OSError, ValueError):
+        path.unlink(missing_ok=True)  # corrupt cache: rebuild
+        return None
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (POSIX ``flock``); a no-op where unavailable."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: concurrent builders just both decode
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def as_path(p: str | os.PathLike[str]) -> Path:

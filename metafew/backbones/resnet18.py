@@ -1,0 +1,180 @@
+"""torchvision ResNet-18/34/50 as feature extractors (fc layer removed).
+
+``create("resnet18", in_channels=1, image_size=28)`` gives torchvision's ResNet-18
+with ``fc`` replaced by an identity: 512 features (2048 for ResNet-50). The module
+*is* a ``torchvision.models.ResNet``, so its parameter names are torchvision's.
+
+Adaptations:
+
+* ``in_channels`` other than 3: ``conv1`` takes that many channels. Pretrained
+  ``conv1`` weights are averaged over RGB and spread over the new channels so that
+  the response to a grey image is unchanged (for 1 channel: the sum over RGB).
+* ``small_input`` (default: ``True`` when both sides are <= 32 px, as for 28x28
+  MedMNIST/Omniglot): ``conv1`` becomes a 3x3 stride-1 convolution and the max-pool
+  is dropped (the CIFAR-style ResNet used by the MedMNIST v2 baselines), so a 28x28
+  image keeps a 4x4 map before pooling instead of 1x1. The pretrained 7x7 ``conv1``
+  cannot fill a 3x3 kernel, so in that case ``conv1`` stays randomly initialised and
+  only the rest is loaded from the ImageNet weights.
+
+``weights="imagenet"`` loads torchvision's ImageNet-1k (``IMAGENET1K_V1``) weights from
+a local file only: ``<torch hub dir>/checkpoints/<file>`` (``$TORCH_HOME/hub/checkpoints``,
+default ``~/.cache/torch/hub/checkpoints``, where torchvision itself keeps them) or
+``<metafew cache>/weights/<file>``. ``weights=<path>`` loads that file. metafew never
+downloads weights here: when none is found a :class:`~metafew.errors.CheckpointError`
+says where it looked and how to get the file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import resnet as tv_resnet
+
+from ..errors import CheckpointError
+from ..paths import cache_dir
+from .registry import register
+
+#: torchvision's ImageNet-1k V1 weight files (``torchvision.models.ResNet*_Weights.IMAGENET1K_V1``).
+WEIGHT_FILES = {
+    "resnet18": "resnet18-f37072fd.pth",
+    "resnet34": "resnet34-b627a593.pth",
+    "resnet50": "resnet50-0676ba61.pth",
+}
+WEIGHTS_URL = "https://download.pytorch.org/models/"
+
+_ARCHS = {
+    "resnet18": (tv_resnet.BasicBlock, [2, 2, 2, 2]),
+    "resnet34": (tv_resnet.BasicBlock, [3, 4, 6, 3]),
+    "resnet50": (tv_resnet.Bottleneck, [3, 4, 6, 3]),
+}
+
+
+def weight_search_paths(arch: str) -> list[Path]:
+    """Where ``weights="imagenet"`` looks for ``arch``'s torchvision weight file, in order."""
+    name = WEIGHT_FILES[arch]
+    return [Path(torch.hub.get_dir()) / "checkpoints" / name, cache_dir() / "weights" / name]
+
+
+def find_weights(arch: str, weights: str | os.PathLike[str]) -> Path:
+    """Resolve ``weights`` ("imagenet" or a file path) to an existing local file, or raise CheckpointError."""
+    if isinstance(weights, str) and weights.lower() == "imagenet":
+        candidates = weight_search_paths(arch)
+        for p in candidates:
+            if p.is_file():
+                return p
+        name = WEIGHT_FILES[arch]
+        raise CheckpointError(
+            f"{arch} ImageNet weights not found: looked for {' and '.join(str(p) for p in candidates)}; "
+            f"download {WEIGHTS_URL}{name} into {candidates[0].parent} (torchvision's cache, "
+            f"set by $TORCH_HOME) or pass weights='/path/to/{name}'"
+        )
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"{arch} weights file not found: {path}")
+    return path
+
+
+def _adapt_conv1(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """Map an RGB ``conv1`` kernel to ``in_channels`` inputs, preserving the response to grey images."""
+    if in_channels == weight.shape[1]:
+        return weight
+    mean = weight.mean(dim=1, keepdim=True)  # [O, 1, k, k]
+    return mean.repeat(1, in_channels, 1, 1) * (weight.shape[1] / in_channels)
+
+
+def load_torchvision_weights(model: nn.Module, arch: str, path: Path, in_channels: int, small_input: bool) -> None:
+    """Copy a torchvision state dict into the adapted ``model`` (``fc`` dropped, ``conv1`` adapted or skipped)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is a checkpoint problem
+        raise CheckpointError(f"cannot read {arch} weights {path}: {str(e).splitlines()[0] if str(e) else e!r}") from e
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a {arch} state dict")
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    conv1 = state.get("conv1.weight")
+    if conv1 is not None and tuple(conv1.shape) != (64, 3, 7, 7):
+        raise CheckpointError(f"{path}: tensor 'conv1.weight' has shape {tuple(conv1.shape)}, {arch} needs (64, 3, 7, 7)")
+    if small_input:
+        state.pop("conv1.weight", None)
+    elif conv1 is not None:
+        state["conv1.weight"] = _adapt_conv1(conv1, in_channels)
+    own = model.state_dict()
+    for k, v in state.items():
+        if k not in own:
+            raise CheckpointError(f"{path} is not a torchvision {arch} state dict: unexpected tensor {k!r}")
+        if tuple(own[k].shape) != tuple(v.shape):
+            raise CheckpointError(
+                f"{path}: tensor {k!r} has shape {tuple(v.shape)}, {arch} needs {tuple(own[k].shape)}"
+            )
+    missing = [k for k in own if k not in state and not (small_input and k == "conv1.weight")]
+    if missing:
+        raise CheckpointError(f"{path} is not a torchvision {arch} state dict: tensor {missing[0]!r} is missing")
+    model.load_state_dict(state, strict=False)
+
+
+def build_resnet(
+    arch: str,
+    in_channels: int = 3,
+    image_size: tuple[int, int] = (224, 224),
+    weights: str | os.PathLike[str] | None = None,
+    small_input: bool | None = None,
+) -> nn.Module:
+    """A torchvision ResNet without ``fc``, adapted to ``in_channels`` and small inputs (see module doc)."""
+    if small_input is None:
+        small_input = max(image_size) <= 32
+    block, layers = _ARCHS[arch]
+    path = find_weights(arch, weights) if weights is not None else None  # fail before building
+    model = tv_resnet.ResNet(block, layers)
+    if small_input:
+        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+        model.maxpool = nn.Identity()
+    elif in_channels != 3:
+        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    model.out_features = model.fc.in_features
+    model.fc = nn.Identity()
+    if path is not None:
+        load_torchvision_weights(model, arch, path, in_channels, small_input)
+    # Rebuilding from a metafew checkpoint must not need the ImageNet file again: weights stay out.
+    model.options = {"small_input": bool(small_input)}
+    model.weights_source = str(path) if path is not None else None
+    return model
+
+
+@register("resnet18")
+def resnet18(
+    in_channels: int = 3,
+    image_size: tuple[int, int] = (224, 224),
+    weights: str | os.PathLike[str] | None = None,
+    small_input: bool | None = None,
+) -> nn.Module:
+    """torchvision ResNet-18 without fc: 512 features."""
+    return build_resnet("resnet18", in_channels, image_size, weights, small_input)
+
+
+@register("resnet34")
+def resnet34(
+    in_channels: int = 3,
+    image_size: tuple[int, int] = (224, 224),
+    weights: str | os.PathLike[str] | None = None,
+    small_input: bool | None = None,
+) -> nn.Module:
+    """torchvision ResNet-34 without fc: 512 features."""
+    return build_resnet("resnet34", in_channels, image_size, weights, small_input)
+
+
+@register("resnet50")
+def resnet50(
+    in_channels: int = 3,
+    image_size: tuple[int, int] = (224, 224),
+    weights: str | os.PathLike[str] | None = None,
+    small_input: bool | None = None,
+) -> nn.Module:
+    """torchvision ResNet-50 without fc: 2048 features."""
+    return build_resnet("resnet50", in_channels, image_size, weights, small_input)

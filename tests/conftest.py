@@ -1,0 +1,64 @@
+"""Shared fixtures: where the real datasets are, and a cache that never touches ~/.cache.
+
+* ``data_root``: ``$METAFEW_DATA``, else the repository's ``../shared/data``. Tests on
+  real data fail (not skip) when it is missing, so a broken data setup cannot pass CI.
+* ``METAFEW_CACHE``: kept when set (a warm cache makes the suite fast); otherwise one
+  temporary cache for the whole session, shared by the pytest-xdist workers so the
+  datasets are decoded once per session.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _metafew_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Point METAFEW_CACHE at a session temp dir (unless set) and METAFEW_DATA at the data (unless set)."""
+    mp = pytest.MonkeyPatch()
+    if not os.environ.get("METAFEW_CACHE"):
+        base = tmp_path_factory.getbasetemp()
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            base = base.parent  # shared by all workers of this session
+        mp.setenv("METAFEW_CACHE", str(base / "metafew-cache"))
+    if not os.environ.get("METAFEW_DATA"):
+        mp.setenv("METAFEW_DATA", str(DEFAULT_DATA))
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def data_root(_metafew_env: None) -> Path:
+    """The folder holding the real datasets (omniglot/, medmnist/, caltech101/)."""
+    root = Path(os.environ["METAFEW_DATA"]).expanduser()
+    if not root.is_dir():
+        pytest.fail(f"real datasets not found at {root}: set METAFEW_DATA to the shared data folder")
+    return root
+
+
+@pytest.fixture(scope="session")
+def omniglot_train(data_root: Path):
+    from metafew.data import Omniglot
+
+    return Omniglot("train", root=data_root)
+
+
+@pytest.fixture(scope="session")
+def omniglot_val(data_root: Path):
+    from metafew.data import Omniglot
+
+    return Omniglot("val", root=data_root)
+
+
+@pytest.fixture(scope="session")
+def omniglot_test(data_root: Path):
+    from metafew.data import Omniglot
+
+    return Omniglot("test", root=data_root)
