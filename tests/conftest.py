@@ -16,6 +16,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One torch thread per process: `make test` runs one xdist worker per core, and two
+    threads per worker on two cores made the small CPU models several times slower."""
+    import torch
+
+    torch.set_num_threads(1)
+
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 
 

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models import resnet as tv_resnet
 
 from ..errors import CheckpointError
 from ..paths import cache_dir
@@ -45,10 +44,11 @@ WEIGHT_FILES = {
 }
 WEIGHTS_URL = "https://download.pytorch.org/models/"
 
+#: block type and layer counts; torchvision is imported only when a ResNet is built (it costs seconds).
 _ARCHS = {
-    "resnet18": (tv_resnet.BasicBlock, [2, 2, 2, 2]),
-    "resnet34": (tv_resnet.BasicBlock, [3, 4, 6, 3]),
-    "resnet50": (tv_resnet.Bottleneck, [3, 4, 6, 3]),
+    "resnet18": ("BasicBlock", [2, 2, 2, 2]),
+    "resnet34": ("BasicBlock", [3, 4, 6, 3]),
+    "resnet50": ("Bottleneck", [3, 4, 6, 3]),
 }
 
 
@@ -127,9 +127,11 @@ def build_resnet(
     """A torchvision ResNet without ``fc``, adapted to ``in_channels`` and small inputs (see module doc)."""
     if small_input is None:
         small_input = max(image_size) <= 32
+    from torchvision.models import resnet as tv_resnet
+
     block, layers = _ARCHS[arch]
     path = find_weights(arch, weights) if weights is not None else None  # fail before building
-    model = tv_resnet.ResNet(block, layers)
+    model = tv_resnet.ResNet(getattr(tv_resnet, block), layers)
     if small_input:
         model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
         nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")

@@ -1,0 +1,392 @@
+"""The honest estimate: repeated support draws, each scored on images it did not see.
+
+With a few dozen labelled images, one train/test split says little: the result
+depends on which images happened to be the support set. :func:`estimate` repeats the
+whole adaptation ``draws`` times, each time with a different seeded draw of the
+support images, and scores each adapted classifier on the images of the pool that
+are *not* in that draw's support (or, when given, on a separate labelled test set,
+e.g. the official MedMNIST test split). It reports, across draws:
+
+* accuracy and balanced accuracy: mean, 95% confidence interval of the mean, and the
+  2.5-97.5th percentile range of single draws (how much one support draw, such as the
+  final model's, can vary);
+* macro one-vs-rest AUC: the same;
+* per-class recall and the confusion matrix, both pooled (summed) over draws.
+
+Support sizes per class (``shots=K``): each draw takes ``min(K, n - 1)`` of a class's
+``n`` images, so at least one is left to score; the final model takes ``min(K, n)``.
+A class with a single image is used as support but cannot be scored: its recall is
+reported as unknown and the accuracy covers the other classes. ``shots="all"``: the
+final model uses every image; each estimate draw holds out 20% of each class (at
+least one image) and adapts on the rest (repeated random sub-sampling validation).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..errors import DatasetError
+from .metrics import Metrics, compute_metrics, mean_ci95, plot_confusion
+from .outputs import REPORT_FORMAT, check_output, write_text
+from .predictor import Predictor, QueryBN, derive_seed, fit, fit_temperature
+from .preprocess import Preprocessing
+
+Shots = int | str  # an int K, or "all"
+BNStats = Literal["support", "backbone"]
+HOLDOUT_FRACTION = 0.2
+MAX_CALIBRATION = 50_000  # held-out predictions kept to fit the temperature
+
+
+class AdaptationWarning(UserWarning):
+    """Something about the user's data that limits the model or its estimate."""
+
+
+# -- support plans -------------------------------------------------------------------
+
+
+def support_sizes(counts: Sequence[int], shots: Shots, classes: Sequence[str]) -> tuple[list[int], list[int], list[str]]:
+    """Per-class support sizes for the estimate draws and for the final model, and notes on them."""
+    if shots != "all" and (not isinstance(shots, int) or isinstance(shots, bool) or shots < 1):
+        raise DatasetError(f"shots must be a positive integer or 'all', got {shots!r}")
+    if len(counts) < 2:
+        raise DatasetError(f"adaptation needs at least 2 classes, got {len(counts)}")
+    notes: list[str] = []
+    draw_k: list[int] = []
+    final_k: list[int] = []
+    for c, n in enumerate(int(x) for x in counts):
+        name = classes[c]
+        if n == 0:
+            raise DatasetError(f"class {name!r} has no images")
+        if shots == "all":
+            final_k.append(n)
+            draw_k.append(n if n == 1 else n - max(1, round(HOLDOUT_FRACTION * n)))
+        else:
+            final_k.append(min(shots, n))
+            draw_k.append(n if n == 1 else min(shots, n - 1))
+            if 1 < n < shots:
+                notes.append(f"class {name!r} has only {n} images, fewer than shots={shots}: the model uses all {n}")
+            if 1 < n <= shots:
+                notes.append(f"class {name!r}: the estimate adapts on {n - 1} of its {n} images per draw, scoring the one left out")
+        if n == 1:
+            notes.append(
+                f"class {name!r} has a single image: it is used as support but cannot be evaluated "
+                "(no image left to score); its recall is unknown and the estimate covers the other classes"
+            )
+    return draw_k, final_k, notes
+
+
+def draw_support(labels: Tensor, sizes: Sequence[int], gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """A seeded draw: (support indices, held-out indices), ``sizes[c]`` support images of class c."""
+    support, held = [], []
+    for c, k in enumerate(sizes):
+        idx = (labels == c).nonzero().squeeze(1)
+        perm = idx[torch.randperm(len(idx), generator=gen)]
+        support.append(perm[:k])
+        held.append(perm[k:])
+    return torch.cat(support), torch.cat(held)
+
+
+# -- running classifiers over many images ----------------------------------------------
+
+
+def predict_logits(
+    predictor: Predictor, images: Tensor, prep: Preprocessing, device: torch.device, batch_size: int = 256
+) -> Tensor:
+    """Logits ``[M, N]`` (on the CPU) of uint8/float images ``[M, C, H, W]``, preprocessed in chunks on the device."""
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = prep(images[start : start + batch_size], device)
+        out.append(predictor.logits(x).cpu())
+    if not out:
+        return torch.empty(0, 0)
+    return torch.cat(out)
+
+
+def adapt_on(
+    learner: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    index: Tensor,
+    prep: Preprocessing,
+    device: torch.device,
+    seed: int,
+    query_bn: QueryBN,
+    bn_stats: BNStats = "support",
+) -> Predictor:
+    """Adapt ``learner`` to the support images ``images[index]`` (labels ``labels[index]``).
+
+    ``bn_stats="support"``: for learners with frozen BatchNorm (ProtoNet, fine-tuning),
+    first re-estimate the backbone's BatchNorm statistics on the support images (see
+    :func:`reestimate_bn`); ``"backbone"`` keeps those of pretraining.
+    """
+    x = prep(images[index], device)
+    y = labels[index].to(device)
+    if bn_stats == "support" and getattr(learner, "bn_policy", "frozen") == "frozen":
+        reestimate_bn(learner.backbone, x)  # type: ignore[arg-type]
+    classifier = fit(learner, x, y, seed)
+    return Predictor.build(learner, classifier, x, query_bn)
+
+
+@torch.no_grad()
+def reestimate_bn(backbone: nn.Module, x: Tensor) -> None:
+    """Replace every BatchNorm's running statistics by those of the images ``x`` (AdaBN, Li et al. 2016).
+
+    A backbone pretrained on other images (handwritten characters, photos) normalises
+    X-rays with statistics that do not fit them; re-estimating them on the target images
+    (no labels used) is what transductive-BatchNorm MAML does implicitly. Only the
+    support images are used, so the estimate stays honest. Weights are not touched.
+    """
+    bns = [m for m in backbone.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    if not bns:
+        return
+    momenta = [m.momentum for m in bns]
+    was_training = backbone.training
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: exactly the statistics of this one batch
+    backbone.train()
+    try:
+        backbone(x)
+    finally:
+        backbone.train(was_training)
+        for m, momentum in zip(bns, momenta):
+            m.momentum = momentum
+
+
+# -- the report ----------------------------------------------------------------------
+
+
+@dataclass
+class Summary:
+    """A metric across draws: mean, 95% CI half-width of the mean, and 2.5/97.5th percentiles of single draws."""
+
+    mean: float
+    ci95: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, values: Sequence[float | None]) -> Summary | None:
+        v = [x for x in values if x is not None and not np.isnan(x)]
+        if not v:
+            return None
+        mean, ci = mean_ci95(v)
+        lo, hi = np.percentile(v, [2.5, 97.5])
+        return cls(mean, ci, float(lo), float(hi))
+
+    def __str__(self) -> str:
+        return f"{self.mean:.3f} ± {self.ci95:.3f} (single draws {self.low:.3f}-{self.high:.3f})"
+
+
+@dataclass
+class AdaptationReport:
+    """The estimate of how well an adapted model classifies images it has not seen."""
+
+    method: str
+    shots: Shots
+    draws: int
+    seed: int
+    classes: list[str]
+    images_per_class: dict[str, int]
+    support_per_class: dict[str, int]  # final model
+    draw_support_per_class: dict[str, int]  # each estimate draw
+    scored_per_draw: float  # mean number of images scored per draw
+    evaluated_on: str  # "held-out images of <data>" or the test set's name
+    accuracy: Summary | None
+    balanced_accuracy: Summary | None
+    auc: Summary | None
+    recall: dict[str, float | None]
+    confusion: list[list[int]]
+    per_draw: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    temperature: float | None = None  # fitted on the held-out predictions (None: not fitted)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {"format": REPORT_FORMAT, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AdaptationReport:
+        d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        for k in ("accuracy", "balanced_accuracy", "auc"):
+            d[k] = Summary(**d[k]) if d.get(k) else None
+        return cls(**d)
+
+    def summary(self) -> str:
+        """The estimate in a few readable lines."""
+        shots = "all images" if self.shots == "all" else f"{self.shots} images per class"
+        lines = [f"{self.method}, support {shots}: {self.draws} support draws, scored on {self.evaluated_on}"]
+        if self.accuracy is None:
+            lines.append("no estimate: " + ("no draws were asked for" if self.draws == 0 else "no class has an image left to score"))
+        else:
+            lines.append(f"accuracy           {self.accuracy}")
+            if self.balanced_accuracy is not None:
+                lines.append(f"balanced accuracy  {self.balanced_accuracy}")
+            lines.append(f"AUC                {self.auc if self.auc is not None else 'n/a'}")
+            lines.append("recall             " + ", ".join(f"{c} {_f(r)}" for c, r in self.recall.items()))
+            lines.append(
+                f"(± is the 95% CI of the mean over draws; each draw scored {self.scored_per_draw:.0f} images; "
+                "with few images, expect a new population to differ by more)"
+            )
+        if self.temperature is not None:
+            lines.append(
+                f"probabilities calibrated on the held-out predictions of the draws (softmax temperature {self.temperature:.3g})"
+            )
+        lines.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def save_json(self, path: str | Path) -> Path:
+        """Write the report as JSON (refusing to overwrite a file that is not a metafew report)."""
+        p = check_output(path, "report")
+        return write_text(p, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def save_confusion(self, path: str | Path) -> Path:
+        """Write the pooled confusion matrix as a PNG (refusing to overwrite a file metafew did not write)."""
+        p = check_output(path, "png")
+        title = f"{self.method}, {self.shots}-shot, summed over {self.draws} draws"
+        from .outputs import atomic_write
+
+        return atomic_write(p, lambda tmp: plot_confusion(self.confusion, self.classes, tmp, title, fmt="png"))
+
+
+def _f(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+# -- the estimate --------------------------------------------------------------------
+
+
+def estimate(
+    learner: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    classes: Sequence[str],
+    prep: Preprocessing,
+    *,
+    method: str,
+    shots: Shots,
+    draws: int,
+    seed: int = 0,
+    device: torch.device,
+    query_bn: QueryBN = "support",
+    test: tuple[Tensor, Tensor, str] | None = None,
+    max_eval: int | None = 2000,
+    batch_size: int = 256,
+    progress: Callable[[int, int], None] | None = None,
+    warn: bool = True,
+    calibrate: bool = True,
+    bn_stats: BNStats = "support",
+) -> AdaptationReport:
+    """Score ``draws`` seeded support draws of ``images``/``labels`` (the labelled pool).
+
+    Args:
+        learner: the learner to adapt (on its backbone's device).
+        images: uint8 ``[N, C, H, W]`` pool; labels ``[N]``; classes: names.
+        prep: the backbone's preprocessing.
+        test: ``(images, labels, name)`` of a separate labelled test set to score every
+            draw on (its labels in the same class order); default: the draw's held-out images.
+        max_eval: score at most this many held-out images per draw (a seeded random
+            subset), which keeps large pools fast; None: all.
+        progress: called as ``progress(done, total)`` after every draw.
+        bn_stats: ``"support"`` re-estimates BatchNorm statistics on each draw's support
+            images (frozen-BatchNorm learners); ``"backbone"`` keeps pretraining's.
+        calibrate: fit a softmax temperature to the held-out predictions of all draws
+            (``report.temperature``; not with ``test``, which must stay unseen).
+    """
+    start = time.perf_counter()
+    counts = torch.bincount(labels, minlength=len(classes)).tolist()
+    draw_k, final_k, notes = support_sizes(counts, shots, classes)
+    if test is not None:  # support from the pool, scoring on the test set: the pool keeps every image
+        draw_k = final_k
+        notes = [n for n in notes if "the estimate adapts on" not in n and "cannot be evaluated" not in n]
+    if warn:
+        for n in notes:
+            warnings.warn(n, AdaptationWarning, stacklevel=3)
+    scorable = [c for c in range(len(classes)) if counts[c] > draw_k[c]] if test is None else list(range(len(classes)))
+    total_conf = np.zeros((len(classes), len(classes)), dtype=np.int64)
+    held_logits: list[Tensor] = []
+    held_labels: list[Tensor] = []
+    kept = 0
+    per_draw: list[dict[str, Any]] = []
+    scored = 0
+    if len(scorable) == 0 and draws > 0 and test is None:
+        notes.append("no class has more images than its support, so nothing can be scored")
+        draws_run = 0
+    else:
+        draws_run = draws
+    for i in range(draws_run):
+        gen = torch.Generator().manual_seed(derive_seed(seed, f"draw-{i}"))
+        support, held = draw_support(labels, draw_k, gen)
+        predictor = adapt_on(
+            learner, images, labels, support, prep, device, derive_seed(seed, f"adapt-{i}"), query_bn, bn_stats
+        )
+        if test is None:
+            if max_eval is not None and len(held) > max_eval:
+                held = held[torch.randperm(len(held), generator=gen)[:max_eval]]
+            x_eval, y_eval = images[held], labels[held]
+        else:
+            x_eval, y_eval = test[0], test[1]
+        logits = predict_logits(predictor, x_eval, prep, device, batch_size)
+        m = compute_metrics(logits.log_softmax(-1), y_eval, classes)
+        if test is None and kept < MAX_CALIBRATION:
+            held_logits.append(logits[: MAX_CALIBRATION - kept])
+            held_labels.append(y_eval[: MAX_CALIBRATION - kept])
+            kept += len(held_logits[-1])
+        total_conf += np.asarray(m.confusion)
+        scored += m.n
+        per_draw.append(
+            {"accuracy": m.accuracy, "balanced_accuracy": m.balanced_accuracy, "auc": m.auc, "scored": m.n}
+        )
+        if progress is not None:
+            progress(i + 1, draws_run)
+        del predictor
+    totals = total_conf.sum(1)
+    recall = {
+        classes[c]: (float(total_conf[c, c] / totals[c]) if totals[c] else None) for c in range(len(classes))
+    }
+    temperature = None
+    if held_logits and calibrate:
+        temperature = fit_temperature(torch.cat(held_logits), torch.cat(held_labels))
+    if test is None:
+        evaluated_on = "held-out images of the labelled pool (not in that draw's support)"
+    else:
+        evaluated_on = f"{test[2]} ({len(test[1])} images)"
+    return AdaptationReport(
+        method=method,
+        shots=shots,
+        draws=draws_run,
+        seed=seed,
+        classes=list(classes),
+        images_per_class={classes[c]: counts[c] for c in range(len(classes))},
+        support_per_class={classes[c]: final_k[c] for c in range(len(classes))},
+        draw_support_per_class={classes[c]: draw_k[c] for c in range(len(classes))},
+        scored_per_draw=scored / max(draws_run, 1),
+        evaluated_on=evaluated_on,
+        accuracy=Summary.of([d["accuracy"] for d in per_draw]),
+        balanced_accuracy=Summary.of([d["balanced_accuracy"] for d in per_draw]),
+        auc=Summary.of([d["auc"] for d in per_draw]),
+        recall=recall,
+        confusion=total_conf.tolist(),
+        per_draw=per_draw,
+        notes=notes,
+        seconds=time.perf_counter() - start,
+        temperature=temperature,
+    )
+
+
+__all__ = ["AdaptationReport", "AdaptationWarning", "Metrics", "Summary", "estimate", "support_sizes", "draw_support"]

@@ -1,0 +1,1 @@
+"""The ``metafew`` command line (``metafew.cli.main:main``); one module per subcommand."""

@@ -1,0 +1,7 @@
+"""Training loops: supervised pretraining, episodic meta-training, and evaluation on fixed episodes."""
+
+from .evaluate import EvalResult, PairedDifference, evaluate, paired_difference
+from .pretrain import pretrain
+from .train import TrainResult, load_weights, train
+
+__all__ = ["pretrain", "train", "evaluate", "EvalResult", "TrainResult", "PairedDifference", "paired_difference", "load_weights"]

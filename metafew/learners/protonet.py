@@ -1,0 +1,117 @@
+"""Prototypical Networks (Snell et al. 2017, "Prototypical Networks for Few-shot Learning").
+
+Each class is represented by the mean embedding of its support images (its
+prototype); a query is classified by a softmax over minus its squared Euclidean
+distance to the prototypes, ``logits = -||f(q) - c_k||^2``. With ``distance="cosine"``
+the logits are ``scale * cos(f(q), c_k)`` instead, with a learnable (default) or fixed
+scale, as in cosine-classifier variants (Chen et al. 2019, Gidaris & Komodakis 2018).
+
+BatchNorm policy ``"frozen"``: during meta-training the backbone runs in whatever
+mode the engine set (train mode: batch statistics of the episode, running
+statistics updated); :meth:`ProtoNet.adapt` and :meth:`ProtoNet.evaluate_batch`
+always run it in eval mode, so predictions use the running statistics and test
+images never change them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..data.episodes import EpisodeBatch
+from ..device import eval_mode
+from ..errors import MetafewError
+from .base import Learner, accuracy, class_means, full_precision, infer_n_way, squared_distances
+
+
+class ProtoNet(Learner):
+    """Prototypical network on a shared backbone.
+
+    Args:
+        backbone: feature extractor (shared, never copied).
+        distance: ``"euclidean"`` (squared, the paper's choice) or ``"cosine"``.
+        scale: temperature of cosine logits (ignored for Euclidean distance).
+        learn_scale: meta-learn the cosine scale (a parameter of the learner) or keep it fixed.
+        amp: ``"bf16"`` to embed under autocast.
+    """
+
+    bn_policy = "frozen"
+    default_optimizer = {"name": "adam", "lr": 1e-3}
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        distance: Literal["euclidean", "cosine"] = "euclidean",
+        scale: float = 10.0,
+        learn_scale: bool = True,
+        amp: str | None = None,
+    ) -> None:
+        super().__init__(backbone, amp=amp)
+        if distance not in ("euclidean", "cosine"):
+            raise MetafewError(f"ProtoNet: distance must be 'euclidean' or 'cosine', got {distance!r}")
+        self.distance = distance
+        self.default_optimizer = dict(type(self).default_optimizer)
+        if distance == "cosine" and learn_scale:
+            self.scale = nn.Parameter(torch.tensor(float(scale)))
+        else:
+            self.register_buffer("scale", torch.tensor(float(scale)), persistent=False)
+
+    # -- the method ----------------------------------------------------------------
+    def embed(self, x: Tensor) -> Tensor:
+        """Backbone features of ``[M, C, H, W]`` images (float32 under autocast)."""
+        with self.autocast(x.device):
+            return full_precision(self.backbone(x))
+
+    def logits(self, query_features: Tensor, prototypes: Tensor) -> Tensor:
+        """Logits ``[..., M, N]`` of query features ``[..., M, D]`` against prototypes ``[..., N, D]``."""
+        if self.distance == "euclidean":
+            return -squared_distances(query_features, prototypes)
+        q = F.normalize(query_features, dim=-1)
+        c = F.normalize(prototypes, dim=-1)
+        return self.scale * (q @ c.transpose(-1, -2))
+
+    def _episode_logits(self, batch: EpisodeBatch) -> Tensor:
+        """Query logits ``[B, M, N]`` of every task, embedding all images of the batch in one call."""
+        b, s = batch.support_x.shape[:2]
+        n_way = batch.classes.shape[-1]
+        images = torch.cat([batch.support_x.flatten(0, 1), batch.query_x.flatten(0, 1)])
+        features = self.embed(images)
+        support = features[: b * s].unflatten(0, (b, s))
+        query = features[b * s :].unflatten(0, (b, -1))
+        return self.logits(query, class_means(support, batch.support_y, n_way))
+
+    def meta_loss(self, batch: EpisodeBatch) -> tuple[Tensor, Tensor]:
+        """Cross-entropy of the queries over the batch's tasks (episodic training, Snell et al.)."""
+        logits = self._episode_logits(batch)
+        loss = F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
+        return loss, accuracy(logits, batch.query_y).mean()
+
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> ProtoClassifier:
+        """Prototypes of the support set (eval-mode BatchNorm), wrapped as a classifier."""
+        n_way = infer_n_way(support_y, None)
+        with eval_mode(self.backbone):
+            prototypes = class_means(self.embed(support_x), support_y, n_way)
+        return ProtoClassifier(self, prototypes)
+
+    @torch.no_grad()
+    def evaluate_batch(self, batch: EpisodeBatch) -> Tensor:
+        """Per-episode query accuracy ``[B]``, all tasks embedded at once in eval mode."""
+        with eval_mode(self.backbone):
+            logits = self._episode_logits(batch)
+        return accuracy(logits, batch.query_y)
+
+
+class ProtoClassifier:
+    """Classifies query images by their distance to fixed prototypes."""
+
+    def __init__(self, learner: ProtoNet, prototypes: Tensor) -> None:
+        self.learner = learner
+        self.prototypes = prototypes
+
+    def __call__(self, query_x: Tensor) -> Tensor:
+        with eval_mode(self.learner.backbone):
+            return self.learner.logits(self.learner.embed(query_x), self.prototypes)

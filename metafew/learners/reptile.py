@@ -1,0 +1,169 @@
+"""Reptile (Nichol, Achiam & Schulman 2018, "On First-Order Meta-Learning Algorithms").
+
+For each task, Reptile trains a copy φ of the parameters θ with a few steps of SGD
+or Adam on the task's data, then moves θ towards the adapted parameters:
+``θ ← θ + ε (mean_tasks φ − θ)``.
+
+To fit the engine's ``loss.backward(); opt.step()`` loop, :meth:`Reptile.meta_loss`
+returns the surrogate ``0.5 * Σ_tasks ||θ − stopgrad(φ_task)||² / num_tasks``, whose
+gradient is exactly ``θ − mean φ``: an outer SGD step with learning rate ε (the
+default optimizer, ``{"name": "sgd", "lr": 1.0}``: ε = 1 as in the paper's Omniglot
+runs) is the Reptile update. Another outer optimizer (Adam, momentum, weight decay,
+gradient clipping) applies its own rule to this direction instead.
+
+The inner loop runs on detached copies of the parameters as plain tensors through
+``torch.func.functional_call``: the backbone module is never copied or modified
+by it, and no graph links φ to θ.
+
+Task data (``train_data``): the reference code (openai/supervised-reptile) meta-trains
+5-way 1-shot Omniglot on 10 images per class (``--train-shots 10``) in inner minibatches
+of 10 (``--inner-batch 10``, 5 steps: one epoch), and adapts at test time on the k-shot
+support set only. The default ``train_data="support+query"`` with ``inner_batch_size=10``
+reproduces this: sample training episodes with ``k_shot + n_query`` = 10 images per class
+(e.g. 1 + 9) and the inner loop trains on all of them. The minibatches matter: Reptile's
+meta-gradient rewards parameters where a step on one minibatch of a task lowers the
+loss on another; with full-batch steps on a 5-image support set that term compares a
+batch with itself, and in our Omniglot runs (conv4, 100 outer steps) accuracy went
+down instead of up. ``train_data="support"`` trains on the support set only (the
+k-shot task data). Either way :meth:`Reptile.adapt` trains on the support set only,
+and the accuracy returned by :meth:`Reptile.meta_loss` is measured at φ on the query
+images (held out only with ``train_data="support"``).
+
+BatchNorm policy ``"transductive"`` (the paper's default): BatchNorm uses batch
+statistics everywhere (the inner minibatch while training, the whole query batch
+when predicting), and running statistics are never read nor updated.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..data.episodes import EpisodeBatch
+from ..errors import MetafewError
+from .base import Learner, accuracy, batch_stats_bn, full_precision, functional_logits, minibatch_indices
+
+Params = dict[str, Tensor]
+
+
+class Reptile(Learner):
+    """Reptile on a shared backbone with a meta-learned linear head.
+
+    Args:
+        backbone: feature extractor with ``out_features`` (shared, never copied).
+        n_way: classes per task (size of the head).
+        inner_optimizer: ``"adam"`` (the paper's choice, with ``inner_betas=(0, 0.999)``) or ``"sgd"``.
+        inner_lr, inner_steps: inner-loop step size and number of steps in meta-training
+            (paper, Omniglot: 1e-3 and 5).
+        inner_batch_size: inner minibatch size, drawn from shuffled epochs of the task data
+            (paper: 10; None: the whole task data every step).
+        test_inner_lr, test_inner_steps: inner loop of :meth:`adapt` (default
+            ``inner_lr``; 50 steps as in the paper's Omniglot evaluation).
+        inner_betas: Adam's betas in the inner loop.
+        train_data: inner-loop data in meta-training, ``"support+query"`` (the reference
+            code's ``--train-shots``) or ``"support"`` (see the module docstring).
+        amp: ``"bf16"`` to run forward passes under autocast.
+    """
+
+    bn_policy = "transductive"
+    default_optimizer = {"name": "sgd", "lr": 1.0}
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        n_way: int,
+        *,
+        inner_optimizer: Literal["adam", "sgd"] = "adam",
+        inner_lr: float = 1e-3,
+        inner_steps: int = 5,
+        inner_batch_size: int | None = 10,
+        test_inner_lr: float | None = None,
+        test_inner_steps: int = 50,
+        inner_betas: tuple[float, float] = (0.0, 0.999),
+        train_data: Literal["support", "support+query"] = "support+query",
+        amp: str | None = None,
+    ) -> None:
+        super().__init__(backbone, amp=amp)
+        if inner_optimizer not in ("adam", "sgd"):
+            raise MetafewError(f"Reptile: inner_optimizer must be 'adam' or 'sgd', got {inner_optimizer!r}")
+        if train_data not in ("support", "support+query"):
+            raise MetafewError(f"Reptile: train_data must be 'support' or 'support+query', got {train_data!r}")
+        if not hasattr(backbone, "out_features"):
+            raise MetafewError("Reptile: the backbone must state its feature size as `out_features`")
+        self.n_way = n_way
+        self.inner_optimizer = inner_optimizer
+        self.inner_lr = inner_lr
+        self.inner_steps = inner_steps
+        self.inner_batch_size = inner_batch_size
+        self.test_inner_lr = inner_lr if test_inner_lr is None else test_inner_lr
+        self.test_inner_steps = test_inner_steps
+        self.inner_betas = tuple(inner_betas)
+        self.train_data = train_data
+        self.default_optimizer = dict(type(self).default_optimizer)
+        self.head = nn.Linear(int(backbone.out_features), n_way)  # type: ignore[arg-type]
+
+    def meta_params(self) -> Params:
+        """θ: the trainable backbone and head parameters by name (``backbone.*``, ``head.*``)."""
+        return {
+            k: p for k, p in self.named_parameters() if p.requires_grad and k.startswith(("backbone.", "head."))
+        }
+
+    def inner_train(self, x: Tensor, y: Tensor, steps: int, lr: float) -> Params:
+        """φ: ``steps`` inner-optimizer steps from θ on ``(x, y)``, on detached copies of θ."""
+        theta = self.meta_params()
+        phi = {k: v.detach().clone().requires_grad_() for k, v in theta.items()}
+        leaves = list(phi.values())
+        if self.inner_optimizer == "adam":
+            opt: torch.optim.Optimizer = torch.optim.Adam(leaves, lr=lr, betas=self.inner_betas)
+        else:
+            opt = torch.optim.SGD(leaves, lr=lr)
+        order = minibatch_indices(len(x), self.inner_batch_size, steps, x.device)
+        with torch.enable_grad(), batch_stats_bn(self.backbone), self.autocast(x.device):
+            for step in range(steps):
+                xb, yb = (x, y) if order is None else (x[order[step]], y[order[step]])
+                loss = F.cross_entropy(full_precision(functional_logits(self.backbone, phi, xb)), yb)
+                for p, g in zip(leaves, torch.autograd.grad(loss, leaves)):
+                    p.grad = g
+                opt.step()
+        return {k: v.detach() for k, v in phi.items()}
+
+    def predict(self, phi: Params, x: Tensor) -> Tensor:
+        """Logits of ``x`` under adapted parameters, with transductive BatchNorm."""
+        with batch_stats_bn(self.backbone), self.autocast(x.device):
+            return full_precision(functional_logits(self.backbone, phi, x))
+
+    def meta_loss(self, batch: EpisodeBatch) -> tuple[Tensor, Tensor]:
+        """Surrogate ``0.5 Σ_t ||θ − φ_t||² / B`` (gradient ``θ − mean φ``), and query accuracy at φ."""
+        if batch.classes.shape[-1] != self.n_way:
+            raise MetafewError(f"Reptile was built for {self.n_way}-way tasks, got {batch.classes.shape[-1]}-way")
+        theta = self.meta_params()
+        distances, accs = [], []
+        for task in batch:
+            x, y = task.support_x, task.support_y
+            if self.train_data == "support+query":
+                x, y = torch.cat([x, task.query_x]), torch.cat([y, task.query_y])
+            phi = self.inner_train(x, y, self.inner_steps, self.inner_lr)
+            with torch.no_grad():
+                accs.append(accuracy(self.predict(phi, task.query_x), task.query_y))
+            distances.append(sum((theta[k] - phi[k]).pow(2).sum() for k in theta))
+        loss = 0.5 * torch.stack(distances).sum() / len(batch)
+        return loss, torch.stack(accs).mean()
+
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> ReptileClassifier:
+        """``test_inner_steps`` of the inner optimizer on the support set (gradients on even under no_grad)."""
+        phi = self.inner_train(support_x, support_y, self.test_inner_steps, self.test_inner_lr)
+        return ReptileClassifier(self, phi)
+
+
+class ReptileClassifier:
+    """A task's adapted parameters φ, classifying query images with transductive BatchNorm."""
+
+    def __init__(self, learner: Reptile, params: Params) -> None:
+        self.learner = learner
+        self.params = params
+
+    def __call__(self, query_x: Tensor) -> Tensor:
+        return self.learner.predict(self.params, query_x)
