@@ -259,7 +259,7 @@ def markdown(results: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
-    def f(d: dict, k: str, fmt: str = "{:.2f}") -> str:
+    def f(d: dict, k: str, fmt: str = "{:.3g}") -> str:
         return fmt.format(d[k]) if k in d else "-"
 
     for r in results["datasets"].values():

@@ -222,6 +222,18 @@ def test_mixed_sizes_and_modes_work(backbone_ckpt: Path, rgb_backbone_ckpt: Path
     assert rgb.predict_proba(torch.rand(2, 1, 28, 28)).shape == (2, 2)  # float tensors of another size and channels
 
 
+def test_backbone_module_needs_its_normalisation(folder: Path) -> None:
+    from metafew.errors import ConfigError
+
+    torch.manual_seed(0)
+    module = create("conv4", in_channels=1, image_size=28)
+    with pytest.raises(ConfigError, match="mean= and std="):
+        metafew.adapt(folder, module, shots=2, eval_draws=0, device="cpu")
+    model = metafew.adapt(folder, module, mean=[0.5], std=[0.25], shots=2, eval_draws=1, device="cpu")
+    assert model.preprocessing.mean == (0.5,) and model.backbone_info["arch"] == "conv4"
+    assert next(module.parameters()).device.type == "cpu" and module.training  # the caller's module is untouched
+
+
 def test_impossible_channel_conversion(backbone_ckpt: Path) -> None:
     ds = metafew.FewShotDataset("five", [0, 0, 1, 1], ["a", "b"], torch.zeros(4, 5, 8, 8, dtype=torch.uint8), channels=5, image_size=(8, 8))
     with pytest.raises(DatasetError, match="5-channel"):

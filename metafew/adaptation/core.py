@@ -209,7 +209,7 @@ def adapt(
     ds = resolve_data(data, prep, skip_bad=skip_bad, root=data_root)
     if len(ds) == 0:
         raise DatasetError(f"{ds.name}: no images")
-    if ds.channels not in (1, 3, 4) and ds.channels != prep.channels:
+    if ds.channels not in (1, 2, 3, 4) and ds.channels != prep.channels:
         raise DatasetError(f"{ds.name}: cannot convert {ds.channels}-channel images to the backbone's {prep.channels}")
     support_sizes(ds.class_counts().tolist(), shots, ds.classes)  # validates shots before any work
 

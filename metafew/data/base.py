@@ -24,7 +24,7 @@ from ..paths import cache_dir
 ImageLoader = Callable[[], np.ndarray]
 
 
-class FewShotDataset:
+class FewShotDataset(torch.utils.data.Dataset):
     """Images of one split, grouped by class.
 
     Args:
@@ -49,6 +49,7 @@ class FewShotDataset:
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
     ) -> None:
+        super().__init__()
         self.name = name
         self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
         self.classes = list(classes)

@@ -222,10 +222,28 @@ class MAML(Learner):
         return F.cross_entropy(full_precision(logits), qy), accuracy(logits, qy)
 
     def _tasks_loop(self, theta: Params, batch: EpisodeBatch, n_way: int) -> tuple[Tensor, Tensor]:
-        losses, accs = zip(
-            *(self._task_loss(theta, t.support_x, t.support_y, t.query_x, t.query_y, n_way, False) for t in batch)
-        )
-        return torch.stack(losses), torch.stack(accs)
+        """Tasks one at a time. With gradients on, each task's meta-gradient is taken as soon
+        as its loss exists, so only one task's (second-order) graph is alive at a time: on
+        CPU, holding all B graphs until one final backward cost more in page faults than
+        the arithmetic. The returned losses carry the summed gradient through a surrogate."""
+        tasks = [(t.support_x, t.support_y, t.query_x, t.query_y) for t in batch]
+        if not torch.is_grad_enabled():
+            losses, accs = zip(*(self._task_loss(theta, *t, n_way, False) for t in tasks))
+            return torch.stack(losses), torch.stack(accs)
+        names = [k for k, v in theta.items() if v.requires_grad]
+        leaves = [theta[k] for k in names]
+        grads: list[Tensor | None] = [None] * len(leaves)
+        losses, accs = [], []
+        for t in tasks:
+            loss, acc = self._task_loss(theta, *t, n_way, False)
+            task_grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            grads = [g if tg is None else (tg if g is None else g + tg) for g, tg in zip(grads, task_grads)]
+            losses.append(loss.detach())
+            accs.append(acc)
+        # value: the task losses; gradient of their mean w.r.t. θ: the mean task gradient.
+        surrogate = sum((p * g).sum() for p, g in zip(leaves, grads) if g is not None) / len(tasks)
+        losses_t = torch.stack(losses)
+        return losses_t + (surrogate - surrogate.detach()), torch.stack(accs)
 
     def _tasks_vmap(self, theta: Params, batch: EpisodeBatch, n_way: int) -> tuple[Tensor, Tensor]:
         def one(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
