@@ -39,12 +39,8 @@ learn2learn is not a metafew dependency: install it with
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
-import io
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -52,6 +48,8 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from common import run_datasets  # benchmarks/common.py
 
 REPO = Path(__file__).resolve().parent.parent
 BATCH = 32
@@ -235,35 +233,6 @@ def rate(fn: Callable[[], object], per_call: int, episodes: int, min_time: float
             return done / dt
 
 
-def machine() -> dict:
-    import torch
-
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        cpu = platform.processor() or "unknown"
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count()
-    try:
-        import learn2learn
-
-        l2l_version = learn2learn.__version__
-    except ImportError:
-        l2l_version = None
-    return {
-        "cpu": cpu, "cores": cores, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(), "learn2learn": l2l_version,
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 def bench(name: str, args: argparse.Namespace) -> dict:
     import torch
 
@@ -372,25 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         _child_load(args.child_load, args.data_root)
         return 0
 
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):  # gym's "unmaintained" notice on import
-            import learn2learn  # noqa: F401
-    except ImportError:
-        sys.exit("learn2learn is not installed: run benchmarks/learn2learn/install.sh")
-    results = {"machine": machine(), "command": " ".join([Path(sys.executable).name, *sys.argv]), "datasets": {}}
-    for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
-        if name not in SETTINGS:
-            p.error(f"unknown dataset {name!r}; choose from {', '.join(SETTINGS)}")
-        results["datasets"][name] = bench(name, args)
-    results["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    table = markdown(results)
-    print("\n" + table)
-    m = results["machine"]
-    print(f"\n{m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), learn2learn {m['learn2learn']}, {m['date']}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({**results, "table": table}, indent=2))
-    return 0
+    return run_datasets(p, args, SETTINGS, bench, markdown, "")
 
 
 if __name__ == "__main__":

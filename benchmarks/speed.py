@@ -33,18 +33,14 @@ rounds and the median of each is reported.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import datetime
-import io
-import json
 import os
-import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from common import run_datasets  # benchmarks/common.py
 
 import torch
 import torch.nn.functional as F
@@ -194,29 +190,6 @@ def iters_per_s(step: Callable, pool: list, start: int, iters: int) -> tuple[flo
     return iters / (time.perf_counter() - t0), start + iters
 
 
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        cpu = platform.processor() or "unknown"
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count()
-    import learn2learn
-
-    return {
-        "cpu": cpu, "cores": cores, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(), "learn2learn": learn2learn.__version__,
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 def bench(name: str, args: argparse.Namespace) -> dict:
     from metafew.data import EpisodeSampler
 
@@ -295,26 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):  # gym's "unmaintained" notice on import
-            import learn2learn  # noqa: F401
-    except ImportError:
-        sys.exit("learn2learn is not installed: run benchmarks/learn2learn/install.sh")
-
-    results = {"machine": machine(), "command": " ".join([Path(sys.executable).name, *sys.argv]), "datasets": {}}
-    for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
-        if name not in SETTINGS:
-            p.error(f"unknown dataset {name!r}; choose from {', '.join(SETTINGS)}")
-        results["datasets"][name] = bench(name, args)
-    results["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    table = markdown(results)
-    print("\nmeta-training iterations per second (higher is better)\n\n" + table)
-    m = results["machine"]
-    print(f"\n{m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), learn2learn {m['learn2learn']}, {m['date']}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({**results, "table": table}, indent=2))
-    return 0
+    return run_datasets(p, args, SETTINGS, bench, markdown, "meta-training iterations per second (higher is better)\n\n")
 
 
 if __name__ == "__main__":

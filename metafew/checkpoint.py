@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .backbones.registry import describe
 from .errors import CheckpointError
 
 FORMAT = "metafew"
@@ -217,14 +218,7 @@ def save_backbone(
     do not record them.
     """
     model = _unwrap(backbone)
-    arch = getattr(model, "name", None)
-    in_channels = getattr(model, "in_channels", None)
-    image_size = getattr(model, "image_size", None)
-    if arch is None or in_channels is None or image_size is None:
-        raise CheckpointError(
-            f"cannot save {type(model).__name__}: not made by metafew.backbones.create "
-            "(no registry name, in_channels or image_size)"
-        )
+    arch, in_channels, image_size = describe(model, "save")
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     if len(mean) != in_channels or len(std) != in_channels:
         raise CheckpointError(

@@ -27,16 +27,6 @@ from metafew.errors import CheckpointError, DatasetError
 # -- fixtures ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> object:
-    """One intra-op thread: these small forward passes gain nothing from more, and two
-    threads per pytest-xdist worker on a 2-core machine make them many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def backbone_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A seeded random Conv-4 for 1x28x28 images, as a checkpoint."""

@@ -29,16 +29,6 @@ SIZES = [(1, 28), (3, 84)]
 FEATURES = {"conv4": {28: 64, 84: 1600}, "resnet12": 640, "resnet18": 512, "resnet34": 512, "resnet50": 2048}
 
 
-@pytest.fixture(autouse=True)
-def _one_cpu_thread():
-    """One intra-op thread: on the shared 2-core CI box (and under xdist) two threads per process
-    oversubscribe the cores and make these small CPU runs up to 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def features(name: str, size: int) -> int:
     f = FEATURES[name]
     return f[size] if isinstance(f, dict) else f

@@ -22,16 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from metafew.backbones import create as create_backbone
-from metafew.data import EpisodeBatch, EpisodeSampler, FewShotDataset
+from metafew.data import EpisodeBatch, EpisodeSampler
 from metafew.learners import MAML, FineTune, ProtoNet, Reptile, create
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small ops, and two test workers share two cores: more threads only contend
-    yield
-    torch.set_num_threads(threads)
-
 
 # -- tiny models with an independent, hand-written forward -------------------------------
 D_IN, HIDDEN, D_OUT, N_WAY = 4, 5, 3, 3

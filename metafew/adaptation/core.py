@@ -25,7 +25,8 @@ from torch import nn
 
 from ..data.base import FewShotDataset
 from ..device import resolve_device
-from ..errors import CheckpointError, ConfigError, DatasetError, DatasetNotFoundError
+from ..backbones.registry import describe
+from ..errors import ConfigError, DatasetError, DatasetNotFoundError
 from .estimate import AdaptationReport, BNStats, Shots, adapt_on, draw_support, estimate, support_sizes
 from .model import AdaptedModel
 from .predictor import QueryBN, derive_seed
@@ -72,21 +73,14 @@ def resolve_backbone(
         return module, prep, info
     if not isinstance(backbone, nn.Module):
         raise ConfigError(f"backbone must be a checkpoint path or an nn.Module, got {type(backbone).__name__}")
-    arch = getattr(backbone, "name", None)
-    channels = getattr(backbone, "in_channels", None)
-    size = getattr(backbone, "image_size", None)
-    if arch is None or channels is None or size is None:
-        raise CheckpointError(
-            f"the {type(backbone).__name__} backbone was not made by metafew.backbones.create (no name, "
-            "in_channels or image_size); save it with metafew.checkpoint.save_backbone or pass a checkpoint"
-        )
+    arch, channels, size = describe(backbone, "adapt")
     if mean is None or std is None:
         raise ConfigError(
             "a backbone module needs mean= and std=: the normalisation it was trained with "
             "(a checkpoint records them)"
         )
     module = copy.deepcopy(backbone).to(device).eval()  # the caller's module is left where it is
-    prep = Preprocessing(int(channels), (int(size[0]), int(size[1])), _floats(mean, ()), _floats(std, ()))
+    prep = Preprocessing(channels, size, _floats(mean, ()), _floats(std, ()))
     info = {"arch": arch, "options": dict(getattr(backbone, "options", None) or {}), "checkpoint": None, "pretrained_on": None}
     return module, prep, info
 

@@ -47,3 +47,22 @@ def create(name: str, in_channels: int = 3, image_size: tuple[int, int] | int = 
             model.out_features = int(model(torch.zeros(1, in_channels, *size)).shape[1])  # type: ignore[assignment]
             model.train(was)
     return model
+
+
+def describe(model: nn.Module, action: str = "use") -> tuple[str, int, tuple[int, int]]:
+    """``(name, in_channels, image_size)`` of a backbone made by :func:`create`.
+
+    Raises CheckpointError naming the module otherwise: without them a backbone cannot be
+    saved, rebuilt or matched to images.
+    """
+    from ..errors import CheckpointError
+
+    name = getattr(model, "name", None)
+    channels = getattr(model, "in_channels", None)
+    size = getattr(model, "image_size", None)
+    if name is None or channels is None or size is None:
+        raise CheckpointError(
+            f"cannot {action} the {type(model).__name__} backbone: it was not made by metafew.backbones.create "
+            "(no registry name, in_channels or image_size); build it with create() or pass a checkpoint"
+        )
+    return str(name), int(channels), (int(size[0]), int(size[1]))

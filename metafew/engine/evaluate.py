@@ -150,7 +150,7 @@ def evaluate(
 
     Args:
         batch_size: episodes per call of ``learner.evaluate_batch``.
-        auc: also compute the macro one-vs-rest AUC of the query softmax scores
+        auc: also compute the macro one-vs-rest AUC of the query log-softmax scores (same ranking as probabilities, without ties where they saturate)
             (adapts one episode at a time); default: only for 2-way episodes.
         progress: show a tqdm bar.
     """
@@ -172,7 +172,7 @@ def evaluate(
                 for ep in batch:
                     logits = learner.adapt(ep.support_x, ep.support_y)(ep.query_x).float()
                     accs.append((logits.argmax(-1) == ep.query_y).double().mean().reshape(1))
-                    aucs.append(macro_auc(logits.softmax(-1), ep.query_y, n_way).reshape(1))
+                    aucs.append(macro_auc(logits.double().log_softmax(-1), ep.query_y, n_way).reshape(1))  # log: no ties from saturated probabilities
             else:
                 accs.append(learner.evaluate_batch(batch).double().reshape(-1))
             bar.update(len(batch))
