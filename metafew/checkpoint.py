@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from .backbones.registry import describe
+from .paths import make_readable
 from .errors import CheckpointError
 
 FORMAT = "metafew"
@@ -146,6 +147,7 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], doc: dict[str, Any]) ->
         save_file(clean, tmp, metadata={_META_KEY: meta})
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        make_readable(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -31,3 +31,13 @@ def data_root(root: str | os.PathLike[str] | None = None) -> Path:
     if env:
         return Path(env).expanduser()
     return cache_dir() / "data"
+
+
+def make_readable(path: str | os.PathLike[str]) -> None:
+    """Give a file the usual permissions (``0o666`` less the umask): temp files start private."""
+    mask = os.umask(0)
+    os.umask(mask)
+    try:
+        os.chmod(path, 0o666 & ~mask)
+    except OSError:
+        pass

@@ -27,7 +27,8 @@ from ..device import resolve_device
 from ..errors import CheckpointError, DatasetError
 from .estimate import AdaptationReport, predict_logits
 from .metrics import Metrics, compute_metrics
-from .outputs import MODEL_FORMAT, check_output, make_readable
+from ..paths import make_readable
+from .outputs import MODEL_FORMAT, check_output
 from .predictor import Predictor
 from .preprocess import Preprocessing, read_inputs, stack_for
 
@@ -186,7 +187,6 @@ class AdaptedModel:
             **clf_record,
         }
         written = save_state(state, p, record)
-        make_readable(written)
         return written
 
 

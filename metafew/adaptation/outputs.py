@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..errors import MetafewError
+from ..paths import make_readable
 
 Kind = Literal["model", "report", "png", "predictions"]
 
@@ -124,14 +125,6 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> Path:
     return path
 
 
-def make_readable(path: str | os.PathLike[str]) -> None:
-    """Give a file the usual permissions (``0o666`` less the umask): temp files start private."""
-    mask = os.umask(0)
-    os.umask(mask)
-    try:
-        os.chmod(path, 0o666 & ~mask)
-    except OSError:
-        pass
 
 
 def write_text(path: Path, text: str) -> Path:
