@@ -27,7 +27,6 @@ from ..device import resolve_device
 from ..errors import CheckpointError, DatasetError
 from .estimate import AdaptationReport, predict_logits
 from .metrics import Metrics, compute_metrics
-from ..paths import make_readable
 from .outputs import MODEL_FORMAT, check_output
 from .predictor import Predictor
 from .preprocess import Preprocessing, read_inputs, stack_for
@@ -186,8 +185,7 @@ class AdaptedModel:
             "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             **clf_record,
         }
-        written = save_state(state, p, record)
-        return written
+        return save_state(state, p, record)
 
 
 def load(path: str | os.PathLike[str], *, device: str | torch.device = "auto") -> AdaptedModel:
