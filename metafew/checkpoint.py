@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -41,7 +40,7 @@ import torch
 from torch import nn
 
 from .backbones.registry import describe
-from .paths import make_readable
+from .paths import atomic_write
 from .errors import CheckpointError
 
 FORMAT = "metafew"
@@ -141,18 +140,7 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], doc: dict[str, Any]) ->
         seen.add(key)
         clean[k] = t
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(clean, tmp, metadata={_META_KEY: meta})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        make_readable(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: save_file(clean, tmp, metadata={_META_KEY: meta}), fsync=True)
 
 
 def _read(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[Path, dict, dict[str, torch.Tensor]]:

@@ -10,6 +10,8 @@ and to a data root it downloaded into itself.
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -41,3 +43,23 @@ def make_readable(path: str | os.PathLike[str]) -> None:
         os.chmod(path, 0o666 & ~mask)
     except OSError:
         pass
+
+
+def atomic_write(path: Path, write: Callable[[str], None], *, fsync: bool = False) -> Path:
+    """Call ``write(tmp_path)`` on a temp file beside ``path``, then move it into place.
+
+    A crash or Ctrl-C mid-write leaves the previous file intact and no partial one behind.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        if fsync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        make_readable(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -259,7 +259,7 @@ class AdaptationReport:
         """Write the pooled confusion matrix as a PNG (refusing to overwrite a file metafew did not write)."""
         p = check_output(path, "png")
         title = f"{self.method}, {self.shots}-shot, summed over {self.draws} draws"
-        from .outputs import atomic_write
+        from ..paths import atomic_write
 
         return atomic_write(p, lambda tmp: plot_confusion(self.confusion, self.classes, tmp, title, fmt="png"))
 

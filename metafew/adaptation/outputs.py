@@ -13,13 +13,12 @@ import csv
 import io
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 from ..errors import MetafewError
-from ..paths import make_readable
+from ..paths import atomic_write
 
 Kind = Literal["model", "report", "png", "predictions"]
 
@@ -111,18 +110,6 @@ def check_output(path: str | os.PathLike[str], kind: Kind, *, protect: Path | No
     return p
 
 
-def atomic_write(path: Path, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` on a temp file beside ``path``, then move it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        make_readable(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 
