@@ -8,7 +8,7 @@ For Omniglot (vinyals train, 5-way 1-shot 15-query) and Caltech-101 (train,
   is decoded) and cached (a second process on the same cache), each in a fresh
   subprocess, so the first does not warm the second's page cache of Python imports;
 * metafew's episodes/second: ``EpisodeSampler.sample()`` one at a time, and
-  ``sample_batch(32)`` divided by 32;
+  ``sample_batch(32, reuse=last_batch)`` divided by 32 (as ``metafew.train`` calls it);
 * learn2learn's episodes/second, the way an l2l user builds episodes:
   ``l2l.data.MetaDataset`` over a torch Dataset, then ``TaskDataset`` with
   ``NWays, KShots(k+q), LoadData, RemapLabels, ConsecutiveLabels``, then
@@ -274,9 +274,14 @@ def bench(name: str, args: argparse.Namespace) -> dict:
     sx, _, qx, _ = l2l_episode(ts_memory, n, k, q)
     assert tuple(sx.shape) == tuple(ep.support_x.shape) and tuple(qx.shape) == tuple(ep.query_x.shape)
 
+    last = [sampler.sample_batch(BATCH)]
+
+    def batch32() -> None:  # as metafew.train does: the spent batch's memory is reused
+        last[0] = sampler.sample_batch(BATCH, reuse=last[0])
+
     methods = {
         "metafew_sample": (lambda: sampler.sample(), 1, args.min_time),
-        "metafew_batch32": (lambda: sampler.sample_batch(BATCH), BATCH, args.min_time),
+        "metafew_batch32": (batch32, BATCH, args.min_time),
         "l2l_files": (lambda: l2l_episode(ts_files, n, k, q), 1, 0.0),
         "l2l_memory": (lambda: l2l_episode(ts_memory, n, k, q), 1, args.min_time),
     }

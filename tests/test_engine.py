@@ -32,11 +32,11 @@ class InterruptAt(EpisodeSampler):
         super().__init__(*args, **kwargs)
         self.at, self.calls = at, 0
 
-    def sample_batch(self, batch_size: int):
+    def sample_batch(self, batch_size: int, reuse=None):
         self.calls += 1
         if self.calls == self.at:
             signal.raise_signal(signal.SIGINT)
-        return super().sample_batch(batch_size)
+        return super().sample_batch(batch_size, reuse)
 
 
 def run(out, sampler, steps, **kw):

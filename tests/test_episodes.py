@@ -55,6 +55,24 @@ def test_batches_and_normalisation() -> None:
     assert torch.allclose(batch.support_x, (raw.support_x - 0.5) / 0.5)  # default mean/std 0.5
 
 
+def test_reusing_a_spent_batch_gives_the_same_episodes_in_the_same_memory(monkeypatch) -> None:
+    import metafew.data.episodes as episodes
+
+    monkeypatch.setattr(episodes, "_CHUNK_BYTES", 200)  # force several gather chunks per batch
+    ds = coded_dataset([20] * 30)
+    make = lambda: EpisodeSampler(ds, 5, 2, 3, seed=5, device="cpu", normalize=False)  # noqa: E731
+    fresh, reusing = make(), make()
+    spent = reusing.sample_batch(6)
+    assert torch.equal(spent.query_x, fresh.sample_batch(6).query_x)
+    for _ in range(3):
+        expected, ptr = fresh.sample_batch(6), spent.support_x.data_ptr()
+        spent = reusing.sample_batch(6, reuse=spent)
+        assert spent.support_x.data_ptr() == ptr  # written in place
+        assert torch.equal(spent.support_x, expected.support_x) and torch.equal(spent.query_x, expected.query_x)
+    other_shape = reusing.sample_batch(2, reuse=spent)  # does not fit: a new buffer, nothing overwritten
+    assert other_shape.support_x.data_ptr() != spent.support_x.data_ptr()
+
+
 def test_determinism() -> None:
     ds = coded_dataset([20] * 30)
     make = lambda seed: EpisodeSampler(ds, 5, 1, 5, seed=seed, device="cpu", normalize=False)  # noqa: E731

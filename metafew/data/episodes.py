@@ -197,12 +197,19 @@ class EpisodeSampler:
 
     def sample(self) -> Episode:
         """One training episode."""
-        return self.sample_batch(1)[0]
+        idx, classes = self._draw(1, self.generator)
+        sx, sy, qx, qy, cl = self._build(idx, classes, self.generator if self.augment is not None else None)
+        return Episode(sx[0], sy[0], qx[0], qy[0], cl[0])
 
-    def sample_batch(self, batch_size: int) -> EpisodeBatch:
-        """``batch_size`` training episodes stacked along a leading task dimension."""
+    def sample_batch(self, batch_size: int, reuse: EpisodeBatch | None = None) -> EpisodeBatch:
+        """``batch_size`` training episodes stacked along a leading task dimension.
+
+        ``reuse``: an earlier batch of this sampler that is no longer needed; its image
+        memory is overwritten when the shapes match (a training loop passes the last
+        batch: on the CPU this saves a fresh allocation, and its page faults, per step).
+        """
         idx, classes = self._draw(batch_size, self.generator)
-        return self._build(idx, classes, self.generator if self.augment is not None else None)
+        return EpisodeBatch(*self._build(idx, classes, self.generator if self.augment is not None else None, reuse))
 
     def __iter__(self) -> Iterator[Episode]:
         while True:
@@ -220,7 +227,7 @@ class EpisodeSampler:
             gen = torch.Generator().manual_seed(_derive_seed(seed, "fixed"))
             idx, classes = self._draw(num_episodes, gen)
             name = f"{self.dataset.name} {self.n_way}-way {self.k_shot}-shot x{num_episodes} (seed {seed})"
-            self._fixed[key] = EpisodeSet(num_episodes, lambda s: self._build(idx[s], classes[s], None), name)
+            self._fixed[key] = EpisodeSet(num_episodes, lambda s: EpisodeBatch(*self._build(idx[s], classes[s], None)), name)
         return self._fixed[key]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -253,23 +260,53 @@ class EpisodeSampler:
             self._images = self.dataset.images.to(self.device)
         return self._images
 
-    def _build(self, idx: torch.Tensor, classes: torch.Tensor, aug_gen: torch.Generator | None) -> EpisodeBatch:
+    def _build(
+        self, idx: torch.Tensor, classes: torch.Tensor, aug_gen: torch.Generator | None, reuse: EpisodeBatch | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """Support/query images and labels with a leading task dimension, from image indices ``[B, N, K+Q]``."""
         b, n = idx.shape[:2]
         nk, nq = n * self.k_shot, n * self.n_query
         # All supports, then all queries: both halves come out as contiguous views, no copy.
         order = torch.cat([idx[:, :, : self.k_shot].reshape(-1), idx[:, :, self.k_shot :].reshape(-1)])
-        images = self._device_images()
-        x = images.index_select(0, order.to(self.device, non_blocking=True))
-        # uint8 -> normalised float: one conversion, then x * scale + shift in place
-        # (addcmul straight on uint8 takes a slow type-promotion path, ~10x slower).
-        x = x.float().mul_(self._scale).add_(self._shift)
+        x = self._gather(order.to(self.device, non_blocking=True), _reusable(reuse))
         if aug_gen is not None and self.augment is not None:
             x = self.augment(x, aug_gen)
         shape = x.shape[1:]
-        return EpisodeBatch(
+        return (
             x[: b * nk].view(b, nk, *shape),
             self._support_y.expand(b, -1),
             x[b * nk :].view(b, nq, *shape),
             self._query_y.expand(b, -1),
             classes.to(self.device, non_blocking=True),
         )
+
+    def _gather(self, order: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        """Normalised float images ``x[i] = images[order[i]] * scale + shift``, written into ``out`` if it fits."""
+        images = self._device_images()
+        shape = (len(order), *images.shape[1:])
+        if out is None or out.shape != shape or out.device != images.device:
+            out = torch.empty(shape, dtype=torch.float32, device=images.device)
+        # On the CPU, widen and normalise a few MB at a time so the two in-place passes
+        # run in cache; on a GPU one pass over everything is best.
+        per_image = images[0].numel() * 4
+        step = len(order) if images.is_cuda else max(1, _CHUNK_BYTES // per_image)
+        for lo in range(0, len(order), step):
+            part = out[lo : lo + step]
+            part.copy_(images.index_select(0, order[lo : lo + step]))  # gather uint8, then widen
+            part.mul_(self._scale).add_(self._shift)  # addcmul on uint8 takes a slow promotion path
+        return out
+
+
+_CHUNK_BYTES = 16 << 20
+
+
+def _reusable(batch: EpisodeBatch | None) -> torch.Tensor | None:
+    """The one float buffer behind ``batch``'s support and query images, if it is laid out as :meth:`_build` makes it."""
+    if batch is None:
+        return None
+    base = batch.support_x._base
+    if base is None or base.dtype != torch.float32 or not base.is_contiguous():
+        return None
+    if batch.support_x.data_ptr() != base.data_ptr() or batch.query_x._base is not base:
+        return None
+    return base

@@ -155,6 +155,7 @@ def train(
         save_state(state, out / LAST, {**record, **run})  # type: ignore[operator]
 
     learner.train()
+    batch = None
     start = time.perf_counter() - run["seconds"]
     bar = tqdm(total=steps, initial=run["step"], desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     with _deferred_sigint() as interrupted:
@@ -163,7 +164,7 @@ def train(
             factor = lr_at(run["step"])
             for g, base in zip(opt.param_groups, base_lrs):
                 g["lr"] = base * factor
-            batch = sampler.sample_batch(meta_batch_size)
+            batch = sampler.sample_batch(meta_batch_size, reuse=batch)  # last step's batch is spent
             with autocast(device, amp):
                 loss, acc = learner.meta_loss(batch)
             opt.zero_grad(set_to_none=True)
