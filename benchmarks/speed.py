@@ -99,8 +99,10 @@ class MetafewStep:
 class L2LMAMLStep:
     """learn2learn's MAML as its examples run it (examples/vision/maml_omniglot.py)."""
 
-    def __init__(self, model: nn.Module, lr: float, steps: int, first_order: bool) -> None:
+    def __init__(self, model: nn.Module, lr: float, steps: int, first_order: bool, amp: str | None = None) -> None:
         import learn2learn as l2l
+
+        self.amp = amp
 
         self.maml = l2l.algorithms.MAML(model.train(), lr=lr, first_order=first_order)
         self.steps = steps
@@ -123,7 +125,8 @@ class L2LMAMLStep:
 
     def __call__(self, batch) -> torch.Tensor:
         self.opt.zero_grad(set_to_none=True)
-        loss = self.meta_loss_backward(batch)
+        with torch.autocast(batch.query_x.device.type, dtype=torch.bfloat16, enabled=self.amp == "bf16"):
+            loss = self.meta_loss_backward(batch)
         self.opt.step()
         return loss
 
@@ -137,22 +140,25 @@ def l2l_model(backbone: nn.Module, head: nn.Linear) -> nn.Module:
     return model
 
 
-def build(name: str, method: str, s: dict, seed: int) -> Callable:
-    """A fresh step function for ``method``, with the seed-``seed`` initial weights."""
+def build(name: str, method: str, s: dict, seed: int, amp: str | None = None) -> Callable:
+    """A fresh step function for ``method``, with the seed-``seed`` initial weights.
+
+    ``amp="bf16"``: metafew's learners get ``amp="bf16"``; learn2learn, which has no
+    such option, runs its whole step under ``torch.autocast(dtype=bfloat16)``."""
     from metafew import backbones, learners
 
     torch.manual_seed(seed)
     backbone = backbones.create("conv4", in_channels=s["channels"], image_size=s["image_size"])
     maml_opts = {"n_way": s["n_way"], "inner_lr": s["maml_inner_lr"], "inner_steps": s["maml_inner_steps"]}
     if method == "protonet":
-        return MetafewStep(learners.ProtoNet(backbone))
+        return MetafewStep(learners.ProtoNet(backbone, amp=amp))
     if method in ("maml", "fomaml"):
-        return MetafewStep(learners.MAML(backbone, first_order=method == "fomaml", **maml_opts))
+        return MetafewStep(learners.MAML(backbone, first_order=method == "fomaml", amp=amp, **maml_opts))
     if method == "reptile":
-        return MetafewStep(learners.Reptile(backbone, n_way=s["n_way"]))
+        return MetafewStep(learners.Reptile(backbone, n_way=s["n_way"], amp=amp))
     # learn2learn: the same initial weights as metafew's MAML built from this seed
     ref = learners.MAML(backbone, **maml_opts)
-    return L2LMAMLStep(l2l_model(ref.backbone, ref.head), s["maml_inner_lr"], s["maml_inner_steps"], method == "l2l_fomaml")
+    return L2LMAMLStep(l2l_model(ref.backbone, ref.head), s["maml_inner_lr"], s["maml_inner_steps"], method == "l2l_fomaml", amp)
 
 
 def check_same(s: dict, batch, seed: int) -> dict:
@@ -199,13 +205,13 @@ def bench(name: str, args: argparse.Namespace) -> dict:
     ds = load_dataset(name, args.data_root)
     sampler = EpisodeSampler(ds, s["n_way"], s["k_shot"], s["n_query"], seed=args.seed, device="cpu")
     pool = [sampler.sample_batch(s["meta_batch"]) for _ in range(args.pool)]
-    res: dict = {"setting": dict(s, iters=args.iters, warmup=args.warmup, repeats=args.repeats, pool=args.pool)}
+    res: dict = {"setting": dict(s, iters=args.iters, warmup=args.warmup, repeats=args.repeats, pool=args.pool, amp=args.amp)}
     if args.check:
         res["check"] = check_same(s, pool[0], args.seed)
         print("   check: " + ", ".join(f"{k} loss {v['loss_metafew']:.5f} vs {v['loss_l2l']:.5f}, grad rel diff {v['grad_rel_diff']:.1e}"
                                        for k, v in res["check"].items()), flush=True)
     methods = [m for m in METHODS if m in args.methods]
-    steps = {m: build(name, m, s, args.seed) for m in methods}
+    steps = {m: build(name, m, s, args.seed, args.amp) for m in methods}
     cursor = {m: 0 for m in methods}
     for m in methods:  # warm-up, not timed
         _, cursor[m] = iters_per_s(steps[m], pool, cursor[m], args.warmup)
@@ -260,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads for both sides (default: %(default)s; 0 keeps torch's default)")
     p.add_argument("--no-check", dest="check", action="store_false", help="skip the metafew == l2l MAML check")
+    p.add_argument("--amp", choices=["bf16"], help="both sides under bf16 autocast (default: float32)")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON")
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]

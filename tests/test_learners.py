@@ -272,6 +272,22 @@ def test_bf16_autocast_runs_every_learner(backbone, sampler):
         assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
 
 
+def test_bf16_maml_meta_gradient_follows_the_float32_one(sampler):
+    torch.manual_seed(0)
+    backbone = create_backbone("conv4", in_channels=1, image_size=28)  # full width: bf16 noise averages out
+    batch = sampler.sample_batch(4)
+    grads = {}
+    for amp in (None, "bf16"):
+        learner = create("maml", backbone, amp=amp, **OPTIONS["maml"])
+        torch.manual_seed(1)
+        learner.head.reset_parameters()
+        learner.zero_grad()
+        learner.meta_loss(batch)[0].backward()
+        grads[amp] = torch.cat([p.grad.flatten() for p in learner.parameters() if p.grad is not None])
+    cos = F.cosine_similarity(grads[None], grads["bf16"], dim=0)
+    assert cos > 0.97, f"bf16 meta-gradient points elsewhere (cosine {cos:.3f})"
+
+
 # -- helpers ----------------------------------------------------------------------------------
 def test_class_means_and_distances():
     x = torch.tensor([[0.0, 0.0], [2.0, 2.0], [1.0, 3.0], [5.0, 5.0]])
