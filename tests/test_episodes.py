@@ -98,7 +98,8 @@ def test_fixed_episodes_identical_across_calls_and_samplers() -> None:
     ia = torch.cat([indices(e.query_x) for e in fa.batches(100)])
     ia2 = torch.cat([indices(e.query_x) for e in fa2.batches(128)])
     ib = torch.cat([indices(e.query_x) for e in fb.batches(100)])
-    assert torch.equal(ia, ia2) and torch.equal(ia, ib)
+    reused = torch.cat([indices(e.query_x) for e in fb.batches(128, reuse=True)])  # indices() copies each batch
+    assert torch.equal(ia, ia2) and torch.equal(ia, ib) and torch.equal(ia, reused)
     assert torch.equal(fa[17].support_x, fb[17].support_x) and torch.equal(fa[-1].classes, fb[-1].classes)
     other = torch.cat([indices(e.query_x) for e in a.fixed(600, seed=1).batches(100)])
     assert not torch.equal(ia, other)

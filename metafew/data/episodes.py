@@ -74,7 +74,9 @@ class EpisodeBatch(Episode):
 class EpisodeSet(Sequence[Episode]):
     """A fixed, ordered set of episodes: the same tasks at every call and for every learner."""
 
-    def __init__(self, length: int, get: Callable[[slice], EpisodeBatch], name: str = "episodes") -> None:
+    def __init__(
+        self, length: int, get: Callable[[slice, EpisodeBatch | None], EpisodeBatch], name: str = "episodes"
+    ) -> None:
         self._length = length
         self._get = get
         self.name = name
@@ -88,18 +90,24 @@ class EpisodeSet(Sequence[Episode]):
         if not -len(self) <= i < len(self):
             raise IndexError(f"episode {i} out of range for {len(self)} episodes")
         i %= len(self)
-        return self._get(slice(i, i + 1))[0]
+        return self._get(slice(i, i + 1), None)[0]
 
-    def batches(self, batch_size: int) -> Iterator[EpisodeBatch]:
-        """Iterate the episodes ``batch_size`` at a time, in order."""
+    def batches(self, batch_size: int, reuse: bool = False) -> Iterator[EpisodeBatch]:
+        """Iterate the episodes ``batch_size`` at a time, in order.
+
+        ``reuse=True``: each batch may be written into the memory of the one before, for
+        loops that are done with a batch when they ask for the next (as ``evaluate`` is).
+        """
+        last = None
         for start in range(0, len(self), batch_size):
-            yield self._get(slice(start, min(start + batch_size, len(self))))
+            last = self._get(slice(start, min(start + batch_size, len(self))), last if reuse else None)
+            yield last
 
     @staticmethod
     def from_episodes(episodes: Sequence[Episode], name: str = "episodes") -> EpisodeSet:
         """Wrap explicit episodes (e.g. Lake's official runs) as an :class:`EpisodeSet`."""
         eps = list(episodes)
-        return EpisodeSet(len(eps), lambda s: EpisodeBatch.stack(eps[s]), name)
+        return EpisodeSet(len(eps), lambda s, _reuse: EpisodeBatch.stack(eps[s]), name)
 
 
 def _derive_seed(seed: int, stream: str) -> int:
@@ -227,7 +235,7 @@ class EpisodeSampler:
             gen = torch.Generator().manual_seed(_derive_seed(seed, "fixed"))
             idx, classes = self._draw(num_episodes, gen)
             name = f"{self.dataset.name} {self.n_way}-way {self.k_shot}-shot x{num_episodes} (seed {seed})"
-            self._fixed[key] = EpisodeSet(num_episodes, lambda s: EpisodeBatch(*self._build(idx[s], classes[s], None)), name)
+            self._fixed[key] = EpisodeSet(num_episodes, lambda s, reuse: EpisodeBatch(*self._build(idx[s], classes[s], None, reuse)), name)
         return self._fixed[key]
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -166,7 +166,7 @@ def evaluate(
     # Learners that adapt by gradient steps enable grad inside adapt()/evaluate_batch() themselves.
     device = next(iter(learner.parameters()), torch.empty(0)).device
     with eval_mode(learner), torch.no_grad():
-        for batch in episodes.batches(batch_size):
+        for batch in episodes.batches(batch_size, reuse=True):  # each batch is done with before the next
             batch = batch.to(device, non_blocking=True)  # no-op for episodes already there
             if auc:
                 for ep in batch:
