@@ -39,6 +39,8 @@ def _metafew_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         mp.setenv("METAFEW_CACHE", str(base / "metafew-cache"))
     if not os.environ.get("METAFEW_DATA"):
         mp.setenv("METAFEW_DATA", str(DEFAULT_DATA))
+    for var in ("METAFEW_DATA", "METAFEW_CACHE"):  # absolute, for kernels and subprocesses run elsewhere
+        mp.setenv(var, str(Path(os.environ[var]).expanduser().resolve()))
     yield
     mp.undo()
 
