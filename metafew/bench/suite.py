@@ -17,7 +17,8 @@ every row, and ``[[rows]]`` tables; every key of a row is a field of :class:`Row
     source = "Snell et al. 2017, Table 1"
 
 ``--suite NAME`` resolves as a path, else ``./benchmarks/suites/NAME.toml``, else the
-copy shipped next to the package (``<repo>/benchmarks/suites/NAME.toml``).
+suites that came with metafew: ``<repo>/benchmarks/suites`` in a source checkout, the
+same files installed as ``metafew/suites`` by a wheel (``pip install metafew``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-SUITES_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "suites"
+_REPO_SUITES = Path(__file__).resolve().parents[2] / "benchmarks" / "suites"
+_WHEEL_SUITES = Path(__file__).resolve().parents[1] / "suites"  # pyproject maps benchmarks/suites here
+SUITES_DIR = _REPO_SUITES if _REPO_SUITES.is_dir() else _WHEEL_SUITES
 
 
 @dataclass
@@ -147,7 +150,7 @@ class Suite:
 
 
 def resolve_suite(name_or_path: str | Path) -> Path:
-    """A path, else ``./benchmarks/suites/NAME.toml``, else the repository copy."""
+    """A path, else ``./benchmarks/suites/NAME.toml``, else the suites that came with metafew."""
     p = Path(name_or_path).expanduser()
     candidates = [p, Path.cwd() / "benchmarks" / "suites" / f"{name_or_path}.toml", SUITES_DIR / f"{name_or_path}.toml"]
     for c in candidates:
