@@ -235,7 +235,8 @@ class EpisodeSampler:
             gen = torch.Generator().manual_seed(_derive_seed(seed, "fixed"))
             idx, classes = self._draw(num_episodes, gen)
             name = f"{self.dataset.name} {self.n_way}-way {self.k_shot}-shot x{num_episodes} (seed {seed})"
-            self._fixed[key] = EpisodeSet(num_episodes, lambda s, reuse: EpisodeBatch(*self._build(idx[s], classes[s], None, reuse)), name)
+            get = lambda s, reuse: EpisodeBatch(*self._build(idx[s], classes[s], None, reuse))  # noqa: E731
+            self._fixed[key] = EpisodeSet(num_episodes, get, name)
         return self._fixed[key]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -297,7 +298,7 @@ class EpisodeSampler:
         # On the CPU, widen and normalise a few MB at a time so the two in-place passes
         # run in cache; on a GPU one pass over everything is best.
         per_image = images[0].numel() * 4
-        step = len(order) if images.is_cuda else max(1, _CHUNK_BYTES // per_image)
+        step = max(1, _CHUNK_BYTES // per_image) if images.device.type == "cpu" else len(order)
         for lo in range(0, len(order), step):
             part = out[lo : lo + step]
             part.copy_(images.index_select(0, order[lo : lo + step]))  # gather uint8, then widen
@@ -315,6 +316,7 @@ def _reusable(batch: EpisodeBatch | None) -> torch.Tensor | None:
     base = batch.support_x._base
     if base is None or base.dtype != torch.float32 or not base.is_contiguous():
         return None
-    if batch.support_x.data_ptr() != base.data_ptr() or batch.query_x._base is not base:
+    query_base = batch.query_x._base
+    if batch.support_x.data_ptr() != base.data_ptr() or query_base is None or query_base.data_ptr() != base.data_ptr():
         return None
     return base
