@@ -13,6 +13,7 @@ import torch
 from metafew.backbones import create as create_backbone
 from metafew.checkpoint import load_state
 from metafew.data import EpisodeSampler
+from metafew.engine import plot_learning_curve
 from metafew.engine import evaluate, paired_difference, train
 from metafew.engine.evaluate import macro_auc, mean_ci95
 from metafew.engine.train import lr_schedule
@@ -72,6 +73,10 @@ def test_resume_after_ctrl_c_continues_bit_identically(tmp_path, omniglot_train,
     assert {"step", "loss", "acc", "lr", "seconds"} <= set(rows[0]) and "val_acc" in rows[2]
     assert (tmp_path / "b" / "best.safetensors").is_file()
     assert resumed.checkpoint == tmp_path / "b" / "best.safetensors"
+    curve = tmp_path / "b" / "learning_curve.png"  # drawn at the end of the run, from the whole log
+    assert curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and curve.stat().st_mtime >= (tmp_path / "b" / "log.jsonl").stat().st_mtime
+    redrawn = plot_learning_curve(tmp_path / "b" / "log.jsonl", tmp_path / "again.png", title="from log.jsonl")
+    assert redrawn.stat().st_size > 10_000
 
 
 def test_resume_of_a_finished_run_does_nothing(tmp_path, omniglot_train):

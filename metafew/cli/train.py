@@ -26,7 +26,7 @@ examples:
   metafew train --out runs/proto-5w1s --resume ...same options...
 
 Writes OUT/last.safetensors (full training state), OUT/best.safetensors (best validation
-weights) and OUT/log.jsonl. Evaluate with `metafew eval --checkpoint OUT/best.safetensors`."""
+weights), OUT/log.jsonl and OUT/learning_curve.png. Evaluate with `metafew eval --checkpoint OUT/best.safetensors`."""
 
 # RowSpec fields settable from the command line (None: not given).
 SPEC_FLAGS: list[tuple[str, type, str]] = [
@@ -132,5 +132,7 @@ def run(args: argparse.Namespace) -> int:
     best = f", best validation accuracy {100 * result.best_val_acc:.2f}% at step {result.best_step}" if result.best_val_acc is not None else ""
     print(f"done: {result.steps} steps in {result.seconds:.0f} s{best}")
     print(f"weights: {result.checkpoint}")
+    if result.out_dir is not None and (result.out_dir / "learning_curve.png").is_file():
+        print(f"learning curve: {result.out_dir / 'learning_curve.png'}")
     print(f"evaluate: metafew eval --checkpoint {result.checkpoint}")
     return 0

@@ -1,7 +1,9 @@
 """Training loops: supervised pretraining, episodic meta-training, and evaluation on fixed episodes."""
 
+from .curves import plot_learning_curve
 from .evaluate import EvalResult, PairedDifference, evaluate, paired_difference
 from .pretrain import pretrain
 from .train import TrainResult, load_weights, train
 
-__all__ = ["pretrain", "train", "evaluate", "EvalResult", "TrainResult", "PairedDifference", "paired_difference", "load_weights"]
+__all__ = ["pretrain", "train", "evaluate", "EvalResult", "TrainResult", "PairedDifference", "paired_difference", "load_weights",
+           "plot_learning_curve"]

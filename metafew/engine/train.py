@@ -9,7 +9,8 @@ backward, step) plus what a long run needs:
   Ctrl-C, holding learner weights, optimizer, GradScaler, sampler RNG, torch/Python/NumPy
   RNGs, step, best-so-far, the running loss sums and the log history; ``resume=True``
   continues from it exactly (same next episode, bit-identical losses);
-* ``log.jsonl`` (one JSON object per log row: step, loss, acc, lr, seconds, val_acc)
+* ``log.jsonl`` (one JSON object per log row: step, loss, acc, lr, seconds, val_acc),
+  drawn as ``learning_curve.png`` at checkpoints (a minute apart at most) and at the end,
   and a tqdm bar. Losses are summed on the device and read back only at log rows.
 """
 
@@ -36,9 +37,10 @@ from ..checkpoint import check_state_dict, load_state, save_state
 from ..data.episodes import EpisodeSampler, EpisodeSet
 from ..device import autocast
 from ..errors import CheckpointError, ConfigError
+from .curves import plot_learning_curve
 from .evaluate import evaluate
 
-LAST, BEST, LOG = "last.safetensors", "best.safetensors", "log.jsonl"
+LAST, BEST, LOG, CURVE = "last.safetensors", "best.safetensors", "log.jsonl", "learning_curve.png"
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
     "adamw": torch.optim.AdamW,
@@ -149,10 +151,15 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
         (out / LOG).write_text("".join(json.dumps(r) + "\n" for r in run["history"]))  # drop rows past the checkpoint
 
-    def save_last() -> None:
+    plotted = [-math.inf]  # when the learning curve was last drawn
+
+    def save_last(final: bool = False) -> None:
         state = {"learner": learner.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                  "sampler": sampler.state_dict(), "rng": _rng_state(), "sums": sums}
         save_state(state, out / LAST, {**record, **run})  # type: ignore[operator]
+        if run["history"] and (final or time.perf_counter() - plotted[0] > 60):  # a plot a minute at most
+            plot_learning_curve(run["history"], out / CURVE, title=str(config.get("name", "")) if config else "")  # type: ignore[operator]
+            plotted[0] = time.perf_counter()
 
     learner.train()
     batch = None
@@ -199,7 +206,7 @@ def train(
                 bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "acc", "val_acc")})
             run["seconds"] = time.perf_counter() - start
             if out is not None and (step % checkpoint_every == 0 or last or interrupted()):
-                save_last()
+                save_last(final=last or interrupted())
             if interrupted():
                 bar.close()
                 raise KeyboardInterrupt(f"interrupted at step {step}" + (f"; checkpoint saved in {out}" if out else ""))
