@@ -52,6 +52,28 @@ def require_learn2learn() -> None:
         sys.exit("learn2learn is not installed: run benchmarks/learn2learn/install.sh")
 
 
+def side_by_side_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every side-by-side script takes: data root, datasets, rounds, threads, JSON out."""
+    default_root = os.environ.get("METAFEW_DATA") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", default=default_root, help="holds omniglot/ and caltech101/ (default: %(default)s)")
+    p.add_argument("--datasets", default="omniglot,caltech101", help="comma-separated (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="alternating rounds; medians reported (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads for both sides (default: %(default)s; 0 keeps torch's default). On a "
+                   "shared 2-core machine 2 threads stall every small op on the busy cores")
+    p.add_argument("--json", metavar="OUT", help="write the results as JSON")
+    return p
+
+
+def set_threads(threads: int) -> None:
+    """``--threads``: pin torch's intra-op threads for both sides (0 keeps torch's default)."""
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def run_datasets(
     parser: argparse.ArgumentParser,
     args: argparse.Namespace,

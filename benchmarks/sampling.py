@@ -47,11 +47,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-from common import run_datasets  # benchmarks/common.py
+from common import run_datasets, set_threads, side_by_side_parser  # benchmarks/common.py
 
-REPO = Path(__file__).resolve().parent.parent
 BATCH = 32
 
 
@@ -322,26 +320,15 @@ def markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    default_root = os.environ.get("METAFEW_DATA") or str(REPO.parent / "shared" / "data")
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-root", default=default_root, help="holds omniglot/ and caltech101/ (default: %(default)s)")
+    p = side_by_side_parser(__doc__)
     p.add_argument("--episodes", type=int, default=100, help="episodes per measured loop, at least (default: %(default)s)")
     p.add_argument("--min-time", type=float, default=1.0, help="seconds per fast measured loop, at least (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=3, help="alternating rounds; the median is reported (default: %(default)s)")
-    p.add_argument("--datasets", default="omniglot,caltech101", help="comma-separated (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads for both sides (default: %(default)s; 0 keeps torch's default). On a "
-                   "shared 2-core machine 2 threads stall every small op on the busy cores")
     p.add_argument("--device", default="cpu", help="metafew sampler device (default: %(default)s)")
     p.add_argument("--skip-load", action="store_true", help="do not time cold/cached loads")
     p.add_argument("--l2l-scan", action="store_true", help="also time l2l's MetaDataset label scan (decodes every file)")
-    p.add_argument("--json", metavar="OUT", help="write the results as JSON")
     p.add_argument("--_child-load", dest="child_load", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.threads > 0:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if args.child_load:
         _child_load(args.child_load, args.data_root)
         return 0

@@ -34,19 +34,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-from common import run_datasets  # benchmarks/common.py
+from common import run_datasets, set_threads, side_by_side_parser  # benchmarks/common.py
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-REPO = Path(__file__).resolve().parent.parent
 
 SETTINGS = {
     "omniglot": {
@@ -253,28 +250,20 @@ def markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    default_root = os.environ.get("METAFEW_DATA") or str(REPO.parent / "shared" / "data")
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-root", default=default_root, help="holds omniglot/ and caltech101/ (default: %(default)s)")
-    p.add_argument("--datasets", default="omniglot,caltech101", help="comma-separated (default: %(default)s)")
+    p = side_by_side_parser(__doc__)
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of %(default)s")
     p.add_argument("--iters", type=int, default=5, help="timed iterations per method per round (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations per method first (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=3, help="alternating rounds; medians reported (default: %(default)s)")
     p.add_argument("--pool", type=int, default=4, help="episode batches drawn once and cycled (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads for both sides (default: %(default)s; 0 keeps torch's default)")
     p.add_argument("--no-check", dest="check", action="store_false", help="skip the metafew == l2l MAML check")
     p.add_argument("--amp", choices=["bf16"], help="both sides under bf16 autocast (default: float32)")
-    p.add_argument("--json", metavar="OUT", help="write the results as JSON")
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = set(args.methods) - set(METHODS)
     if unknown:
         p.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     return run_datasets(p, args, SETTINGS, bench, markdown, "meta-training iterations per second (higher is better)\n\n")
 
 

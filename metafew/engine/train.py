@@ -151,15 +151,16 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
         (out / LOG).write_text("".join(json.dumps(r) + "\n" for r in run["history"]))  # drop rows past the checkpoint
 
-    plotted = [-math.inf]  # when the learning curve was last drawn
+    plotted_at = -math.inf  # when the learning curve was last drawn
 
     def save_last(final: bool = False) -> None:
+        nonlocal plotted_at
         state = {"learner": learner.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                  "sampler": sampler.state_dict(), "rng": _rng_state(), "sums": sums}
         save_state(state, out / LAST, {**record, **run})  # type: ignore[operator]
-        if run["history"] and (final or time.perf_counter() - plotted[0] > 60):  # a plot a minute at most
-            plot_learning_curve(run["history"], out / CURVE, title=str(config.get("name", "")) if config else "")  # type: ignore[operator]
-            plotted[0] = time.perf_counter()
+        if run["history"] and (final or time.perf_counter() - plotted_at > 60):  # a plot a minute at most
+            plot_learning_curve(run["history"], out / CURVE, title=str((config or {}).get("name", "")))  # type: ignore[operator]
+            plotted_at = time.perf_counter()
 
     learner.train()
     batch = None
