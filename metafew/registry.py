@@ -1,0 +1,133 @@
+"""One small registry idiom for everything metafew creates by name: backbones, learners, datasets.
+
+Each kind has one :class:`Registry`. A module adds its entry with a decorator next to
+the definition, and everything else (the CLI's choices, ``metafew.list_learners()``,
+the tests) reads the registry, so adding a learner is one file::
+
+    from metafew.learners import LEARNERS
+
+    @LEARNERS.register("my-learner")
+    class MyLearner(Learner): ...
+
+Third-party packages add entries without touching metafew, through an entry point in
+their ``pyproject.toml`` (loaded the first time the registry is read)::
+
+    [project.entry-points."metafew.learners"]
+    my-learner = "my_package.learner:MyLearner"
+
+Names are case-insensitive; registering a name twice is an error, and an unknown
+name gets a "did you mean ...?" hint.
+
+>>> from metafew.registry import Registry
+>>> shapes = Registry("shape")
+>>> @shapes.register("square")
+... def square(side: float) -> float:
+...     return side * side
+>>> shapes.create("square", 3.0)
+9.0
+>>> shapes.names()
+['square']
+>>> shapes.get("sqare")
+Traceback (most recent call last):
+...
+metafew.errors.ConfigError: unknown shape 'sqare'; did you mean 'square'? (available: square)
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterator
+from importlib.metadata import entry_points
+from typing import Any, Generic, TypeVar
+
+from .errors import ConfigError
+
+T = TypeVar("T")
+
+
+def did_you_mean(name: str, choices: list[str]) -> str:
+    """``"; did you mean 'x'?"`` for the closest of ``choices``, or ``""`` when none is close."""
+    close = difflib.get_close_matches(name.lower(), choices, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+class Registry(Generic[T]):
+    """Named factories of one kind (``"learner"``, ``"backbone"``, ``"dataset"``).
+
+    Args:
+        kind: what an entry is, used in messages ("unknown learner 'x'").
+        group: the entry-point group third-party packages register under
+            (e.g. ``"metafew.learners"``); None for no plug-ins.
+    """
+
+    def __init__(self, kind: str, group: str | None = None) -> None:
+        self.kind = kind
+        self.group = group
+        self._entries: dict[str, T] = {}
+        self._plugins_loaded = group is None
+
+    def register(self, name: str, entry: T | None = None) -> Callable[[T], T]:
+        """Add ``entry`` under ``name`` (as a decorator when ``entry`` is omitted); duplicates are refused."""
+
+        def add(obj: T) -> T:
+            key = name.lower()
+            if key in self._entries and self._entries[key] is not obj:
+                raise ConfigError(f"{self.kind} {name!r} is registered twice ({self._entries[key]!r} and {obj!r})")
+            self._entries[key] = obj
+            return obj
+
+        if entry is not None:
+            add(entry)
+        return add
+
+    def get(self, name: str) -> T:
+        """The entry registered under ``name``; a one-line ConfigError with a suggestion otherwise."""
+        self._load_plugins()
+        key = str(name).lower()
+        if key not in self._entries:
+            choices = self.names()
+            raise ConfigError(
+                f"unknown {self.kind} {name!r}{did_you_mean(key, choices)} (available: {', '.join(choices)})"
+            )
+        return self._entries[key]
+
+    def create(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """Call the entry registered under ``name`` with the given arguments."""
+        factory = self.get(name)
+        if not callable(factory):
+            raise ConfigError(f"{self.kind} {name!r} cannot be created: its entry is not callable")
+        return factory(*args, **kwargs)
+
+    def names(self) -> list[str]:
+        """Every registered name, sorted (plug-ins included)."""
+        self._load_plugins()
+        return sorted(self._entries)
+
+    def items(self) -> list[tuple[str, T]]:
+        """``(name, entry)`` pairs, sorted by name."""
+        return [(n, self._entries[n]) for n in self.names()]
+
+    def __contains__(self, name: object) -> bool:
+        self._load_plugins()
+        return isinstance(name, str) and name.lower() in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self.names())
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}, {len(self._entries)} entries)"
+
+    def _load_plugins(self) -> None:
+        """Register the entry points of ``group`` once; a broken plug-in is a one-line error naming it."""
+        if self._plugins_loaded:
+            return
+        self._plugins_loaded = True
+        for ep in entry_points(group=self.group or ""):
+            try:
+                obj = ep.load()
+            except Exception as e:  # noqa: BLE001 - any import failure of a third-party plug-in
+                raise ConfigError(f"{self.kind} plug-in {ep.name!r} ({ep.value}) failed to load: {e}") from e
+            self.register(ep.name, obj)
