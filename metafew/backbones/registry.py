@@ -6,35 +6,43 @@ Every backbone is an ``nn.Module`` mapping images ``[M, C, H, W]`` to features
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+from ..errors import ConfigError
+from ..registry import Registry
+
+BACKBONES: Registry[Callable[..., nn.Module]] = Registry("backbone", group="metafew.backbones")
 
 
 def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator adding a backbone factory ``f(in_channels, image_size, **options)`` to the registry."""
-
-    def wrap(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        _REGISTRY[name] = factory
-        return factory
-
-    return wrap
+    """Decorator adding a backbone factory ``f(in_channels, image_size, **options)``; duplicates are refused."""
+    return BACKBONES.register(name)
 
 
 def available() -> list[str]:
-    """Names accepted by :func:`create`."""
-    return sorted(_REGISTRY)
+    """Names accepted by :func:`create`.
+
+    >>> from metafew.backbones import available
+    >>> "conv4" in available()
+    True
+    """
+    return BACKBONES.names()
 
 
 def create(name: str, in_channels: int = 3, image_size: tuple[int, int] | int = 84, **options) -> nn.Module:
     """Build a backbone by name; ``out_features`` is set for the given input size."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(available())}")
+    factory = BACKBONES.get(name)
+    name = name.lower()
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    model = _REGISTRY[name](in_channels=in_channels, image_size=size, **options)
+    try:
+        inspect.signature(factory).bind(in_channels=in_channels, image_size=size, **options)
+    except TypeError as e:  # an option the architecture does not take, as a one-line error
+        raise ConfigError(f"backbone {name!r}: {e}") from e
+    model = factory(in_channels=in_channels, image_size=size, **options)
     model.name = name  # type: ignore[assignment]
     model.in_channels = in_channels  # type: ignore[assignment]
     model.image_size = size  # type: ignore[assignment]

@@ -51,8 +51,7 @@ def describe_device(device: torch.device) -> str:
 
 def _accepts(learner: str, option: str) -> bool:
     """Whether the named learner takes a keyword ``option`` (e.g. ``n_way``)."""
-    factory = getattr(learners, "_REGISTRY", {}).get(learner)
-    return factory is not None and option in inspect.signature(factory).parameters
+    return learners.accepts(learner, option)
 
 
 def build_learner(spec: RowSpec, dataset: FewShotDataset, device: torch.device) -> nn.Module:

@@ -8,7 +8,6 @@ so the same seed gives the same episodes on any device and in any process.
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields, replace
@@ -18,6 +17,7 @@ import torch
 
 from ..device import resolve_device
 from ..errors import EpisodeError
+from ..seeding import generator
 from .base import FewShotDataset
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -110,11 +110,6 @@ class EpisodeSet(Sequence[Episode]):
         return EpisodeSet(len(eps), lambda s, _reuse: EpisodeBatch.stack(eps[s]), name)
 
 
-def _derive_seed(seed: int, stream: str) -> int:
-    digest = hashlib.sha256(f"{seed}:{stream}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 class EpisodeSampler:
     """Draw N-way K-shot episodes with Q queries per class from a :class:`FewShotDataset`.
 
@@ -187,7 +182,7 @@ class EpisodeSampler:
         self._valid = valid
         self._uniform = bool((self._counts == max_count).all())
 
-        self.generator = torch.Generator().manual_seed(_derive_seed(seed, "train"))
+        self.generator = generator(seed, "train")
         self._images: torch.Tensor | None = None
         mean = torch.tensor(dataset.mean if normalize else (0.0,) * dataset.channels).view(1, -1, 1, 1)
         std = torch.tensor(dataset.std if normalize else (1.0,) * dataset.channels).view(1, -1, 1, 1)
@@ -232,7 +227,7 @@ class EpisodeSampler:
         seed = self.seed if seed is None else seed
         key = (num_episodes, seed)
         if key not in self._fixed:
-            gen = torch.Generator().manual_seed(_derive_seed(seed, "fixed"))
+            gen = generator(seed, "fixed")
             idx, classes = self._draw(num_episodes, gen)
             name = f"{self.dataset.name} {self.n_way}-way {self.k_shot}-shot x{num_episodes} (seed {seed})"
             get = lambda s, reuse: EpisodeBatch(*self._build(idx[s], classes[s], None, reuse))  # noqa: E731

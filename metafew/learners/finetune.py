@@ -37,10 +37,12 @@ from ..data.episodes import EpisodeBatch
 from ..device import eval_mode
 from ..errors import MetafewError
 from .base import Learner, class_means, full_precision, infer_n_way, minibatch_indices
+from .registry import register_learner
 
 Params = dict[str, Tensor]
 
 
+@register_learner("finetune")
 class FineTune(Learner):
     """A new linear or cosine head trained on the support features of a pretrained backbone.
 

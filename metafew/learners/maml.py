@@ -30,7 +30,7 @@ training or by test images (:func:`~metafew.learners.base.batch_stats_bn`).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..data.episodes import EpisodeBatch
-from ..errors import MetafewError
+from ..errors import ConfigError, MetafewError
 from .base import (
     Learner,
     accuracy,
@@ -49,11 +49,13 @@ from .base import (
     infer_n_way,
     split_params,
 )
+from .registry import register_learner
 
 Params = dict[str, Tensor]
 HeadInit = Literal["learned", "zero", "prototypes"]
 
 
+@register_learner("maml")
 class MAML(Learner):
     """MAML / FO-MAML / Proto-MAML on a shared backbone.
 
@@ -280,3 +282,11 @@ class MAMLClassifier:
     def __call__(self, query_x: Tensor) -> Tensor:
         with batch_stats_bn(self.learner.backbone), self.learner.autocast(query_x.device):
             return full_precision(self.learner.forward_with(self.params, query_x))
+
+
+@register_learner("fomaml")
+def FOMAML(backbone: nn.Module, **options: Any) -> MAML:  # noqa: N802 - reads like the class it builds
+    """First-order MAML (Finn et al. 2017, FO-MAML): :class:`MAML` with ``first_order=True``."""
+    if options.pop("first_order", True) is not True:
+        raise ConfigError("learner 'fomaml' is MAML with first_order=True; use 'maml' for second order")
+    return MAML(backbone, first_order=True, **options)

@@ -25,8 +25,10 @@ from ..data.episodes import EpisodeBatch
 from ..device import eval_mode
 from ..errors import MetafewError
 from .base import Learner, accuracy, class_means, full_precision, infer_n_way, squared_distances
+from .registry import register_learner
 
 
+@register_learner("protonet")
 class ProtoNet(Learner):
     """Prototypical network on a shared backbone.
 

@@ -45,10 +45,12 @@ from torch import Tensor, nn
 from ..data.episodes import EpisodeBatch
 from ..errors import MetafewError
 from .base import Learner, accuracy, batch_stats_bn, full_precision, functional_logits, minibatch_indices
+from .registry import register_learner
 
 Params = dict[str, Tensor]
 
 
+@register_learner("reptile")
 class Reptile(Learner):
     """Reptile on a shared backbone with a meta-learned linear head.
 
