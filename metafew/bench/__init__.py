@@ -1,6 +1,6 @@
-"""Benchmark suites (TOML) and the runner that trains, tests and reports them."""
+"""Benchmark suites (TOML rows: a RunConfig plus the published figure) and their reports."""
 
-from .runner import ROW_KEYS, build_learner, run_row, run_suite, train_row
-from .suite import RowSpec, Suite, load_suite, resolve_suite
+from .runner import ROW_KEYS, run_row, run_suite
+from .suite import BenchRow, Suite, load_suite, resolve_suite
 
-__all__ = ["ROW_KEYS", "RowSpec", "Suite", "build_learner", "load_suite", "resolve_suite", "run_row", "run_suite", "train_row"]
+__all__ = ["ROW_KEYS", "BenchRow", "Suite", "load_suite", "resolve_suite", "run_row", "run_suite"]

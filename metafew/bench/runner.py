@@ -1,7 +1,7 @@
 """Run a benchmark suite: train each row (or reuse its checkpoint), test it, report.
 
-For each row the runner builds the backbone and learner, meta-trains it with
-:func:`metafew.engine.train` in ``<work_dir>/<row name>-<hash of the training
+For each row (a :class:`~metafew.config.RunConfig` plus its published figure) the
+runner meta-trains with :func:`metafew.config.train_run` in ``<work_dir>/<row name>-<hash of the training
 settings>/`` (``resume=True``: an interrupted or finished run is picked up where it
 stopped), loads the best validation weights, evaluates on fixed test episodes (the
 same episodes for every learner of a setting, so rows are paired) and caches the
@@ -13,27 +13,21 @@ All figures in the outputs are percentages.
 
 from __future__ import annotations
 
-import inspect
 import json
-import platform
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from .. import learners
-from ..backbones import create as create_backbone
-from ..checkpoint import load_backbone, read_backbone_record
-from ..data import EpisodeSampler, EpisodeSet, FewShotDataset, lake_runs, load_dataset
-from ..device import resolve_device
+from ..config import test_episodes, train_run
+from ..device import describe_device, resolve_device
 from ..engine.evaluate import EvalResult, evaluate
-from ..engine.train import TrainResult, load_weights, train
+from ..engine.train import TrainResult
 from ..errors import ConfigError
 from .report import write_markdown, write_plot
-from .suite import RowSpec, Suite
+from .suite import BenchRow, Suite
 
 # Keys of every JSON row, in order (more may follow: name, metric, error_rate...).
 ROW_KEYS = (
@@ -42,95 +36,9 @@ ROW_KEYS = (
 )
 
 
-def describe_device(device: torch.device) -> str:
-    """A readable name of the device results were measured on."""
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})"
-
-
-def _accepts(learner: str, option: str) -> bool:
-    """Whether the named learner takes a keyword ``option`` (e.g. ``n_way``)."""
-    return learners.accepts(learner, option)
-
-
-def build_learner(spec: RowSpec, dataset: FewShotDataset, device: torch.device) -> nn.Module:
-    """Backbone (new, or the row's pretrained checkpoint) and learner for a row, seeded by ``spec.seed``."""
-    torch.manual_seed(spec.seed)
-    if spec.backbone_checkpoint:
-        backbone, _ = load_backbone(
-            spec.backbone_checkpoint, in_channels=dataset.channels, image_size=dataset.image_size, arch=spec.backbone
-        )
-        backbone.train()
-    else:
-        try:
-            backbone = create_backbone(
-                spec.backbone or "conv4", in_channels=dataset.channels, image_size=dataset.image_size, **spec.backbone_options
-            )
-        except TypeError as e:  # an option the architecture does not take
-            raise ConfigError(f"backbone {spec.backbone or 'conv4'}: {e}") from e
-    options = dict(spec.learner_options)
-    if "n_way" not in options and _accepts(spec.learner, "n_way"):
-        options["n_way"] = spec.train_setting[0]
-    return learners.create(spec.learner, backbone, **options).to(device)
-
-
-def train_row(
-    spec: RowSpec,
-    row_dir: Path | None,
-    *,
-    data_root: str | Path | None = None,
-    device: str | torch.device = "auto",
-    amp: str | None = None,
-    progress: bool = True,
-    resume: bool = True,
-) -> tuple[nn.Module, TrainResult | None]:
-    """Meta-train a row's learner (resuming in ``row_dir``) and load its best weights."""
-    dev = resolve_device(device)
-    train_ds = load_dataset(spec.dataset, spec.train_subset, root=data_root)
-    learner = build_learner(spec, train_ds, dev)
-    if spec.steps == 0:
-        return learner, None
-    way, shot, query = spec.train_setting
-    sampler = EpisodeSampler(train_ds, way, shot, query, seed=spec.seed, device=dev)
-    val = None
-    if spec.val_subset and spec.val_episodes > 0:
-        val_ds = load_dataset(spec.dataset, spec.val_subset, root=data_root)
-        val = EpisodeSampler(val_ds, spec.n_way, spec.k_shot, spec.n_query, seed=spec.seed, device=dev).fixed(spec.val_episodes)
-    config = run_config(spec, learner, train_ds)
-    result = train(
-        learner, sampler, steps=spec.steps, meta_batch_size=spec.meta_batch_size, optimizer=spec.optimizer, lr=spec.lr,
-        schedule=spec.schedule, step_size=spec.step_size, gamma=spec.gamma, val_episodes=val, val_every=spec.val_every,
-        val_batch_size=spec.eval_batch_size, log_every=spec.log_every, out_dir=row_dir,
-        checkpoint_every=spec.checkpoint_every, resume=resume, amp=amp, grad_clip=spec.grad_clip,
-        progress=progress, seed=spec.seed, config=config,
-    )
-    if result.checkpoint is not None and result.checkpoint.name == "best.safetensors":
-        load_weights(learner, result.checkpoint, dev)
-    return learner, result
-
-
-def run_config(spec: RowSpec, learner: nn.Module, dataset: FewShotDataset) -> dict[str, Any]:
-    """What a checkpoint records to rebuild its learner without the row's files (pretrained backbone included)."""
-    config = spec.to_dict()
-    if spec.backbone_checkpoint:
-        rec = read_backbone_record(spec.backbone_checkpoint)
-        config.update(backbone=rec.arch, backbone_options=rec.options, backbone_checkpoint=None,
-                      pretrained_backbone=str(spec.backbone_checkpoint))
-    config.update(backbone=config["backbone"] or "conv4", in_channels=dataset.channels, image_size=list(dataset.image_size))
-    return config
-
-
-def fixed_test_episodes(spec: RowSpec, *, data_root: str | Path | None = None, device: str | torch.device = "auto") -> EpisodeSet:
-    """The row's fixed test episodes: ``eval_episodes`` sampled with ``seed``, or Lake's 20 runs."""
-    if spec.test == "lake":
-        return lake_runs(data_root)
-    test_ds = load_dataset(spec.dataset, spec.test_subset, root=data_root)
-    return EpisodeSampler(test_ds, spec.n_way, spec.k_shot, spec.n_query, seed=spec.seed, device=device).fixed(spec.eval_episodes)
-
-
-def result_row(spec: RowSpec, ev: EvalResult, tr: TrainResult | None, device: str) -> dict[str, Any]:
+def result_row(bench: BenchRow, ev: EvalResult, tr: TrainResult | None, device: str) -> dict[str, Any]:
     """The JSON row of a finished benchmark row (percentages)."""
+    spec = bench.config
     row: dict[str, Any] = {
         "dataset": spec.dataset,
         "learner": spec.learner,
@@ -144,17 +52,17 @@ def result_row(spec: RowSpec, ev: EvalResult, tr: TrainResult | None, device: st
         "train_steps": tr.steps if tr else 0,
         "train_seconds": round(tr.seconds, 1) if tr else 0.0,
         "device": device,
-        "published": spec.published,
-        "source": spec.source,
+        "published": bench.published,
+        "source": bench.source,
         "name": spec.name,
-        "metric": spec.metric,
+        "metric": bench.metric,
         "train_way": spec.train_setting[0],
         "train_shot": spec.train_setting[1],
         "train_query": spec.train_setting[2],
         "best_val_accuracy": None if tr is None or tr.best_val_acc is None else round(100 * tr.best_val_acc, 3),
         "eval_seconds": round(ev.seconds, 1),
     }
-    if spec.metric == "error":
+    if bench.metric == "error":
         row["error_rate"] = round(100 - row["accuracy_mean"], 3)
         row["error_ci95"] = row["accuracy_ci95"]
     if ev.auc_mean is not None:
@@ -163,7 +71,7 @@ def result_row(spec: RowSpec, ev: EvalResult, tr: TrainResult | None, device: st
 
 
 def run_row(
-    spec: RowSpec,
+    bench: BenchRow,
     work_dir: Path,
     *,
     data_root: str | Path | None = None,
@@ -173,20 +81,32 @@ def run_row(
 ) -> dict[str, Any]:
     """Train (or resume, or reuse) and test one row; the test result is cached in its folder."""
     dev = resolve_device(device)
+    spec = bench.config
+    if amp is not None:
+        spec.amp = amp
     row_dir = work_dir / f"{spec.name}-{spec.train_key()}"
     cache = row_dir / "result.json"
     if cache.is_file():
         cached = json.loads(cache.read_text())
-        if cached.get("spec") == json.loads(json.dumps(spec.to_dict())):
+        if _same_row(cached.get("spec"), bench.to_dict()):
             return cached["row"]
-    learner, tr = train_row(spec, row_dir, data_root=data_root, device=dev, amp=amp, progress=progress)
-    episodes = fixed_test_episodes(spec, data_root=data_root, device=dev)
+    learner, tr = train_run(spec, row_dir, data_root=data_root, device=dev, progress=progress)
+    episodes = test_episodes(spec, data_root=data_root, device=dev)
     ev = evaluate(learner, episodes, batch_size=spec.eval_batch_size, progress=progress)
-    row = result_row(spec, ev, tr, describe_device(dev))
+    row = result_row(bench, ev, tr, describe_device(dev))
     row_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"spec": spec.to_dict(), "row": row, "accuracies": ev.accuracies.tolist()}
+    payload = {"spec": bench.to_dict(), "row": row, "accuracies": ev.accuracies.tolist()}
     cache.write_text(json.dumps(payload) + "\n")
     return row
+
+
+def _same_row(cached: Any, current: dict[str, Any]) -> bool:
+    """Whether a cached result is of this row; keys 0.1.0 did not record count only when set."""
+    if not isinstance(cached, dict):
+        return False
+    current = json.loads(json.dumps(current))
+    new_keys = ("amp", "in_channels", "image_size")
+    return all(cached.get(k) == v for k, v in current.items() if not (k in new_keys and v is None and k not in cached))
 
 
 def run_suite(
@@ -214,13 +134,14 @@ def run_suite(
         rows = [r for r in rows if r.name in only]
     dev = resolve_device(device)
     results: list[dict[str, Any]] = []
-    for i, spec in enumerate(rows, 1):
+    for i, bench in enumerate(rows, 1):
+        spec = bench.config
         log(f"[{i}/{len(rows)}] {spec.name}: {spec.dataset} {spec.n_way}-way {spec.k_shot}-shot, {spec.learner}, {spec.steps} steps")
         start = time.perf_counter()
-        row = run_row(spec, work, data_root=data_root, device=dev, amp=amp, progress=progress)
+        row = run_row(bench, work, data_root=data_root, device=dev, amp=amp, progress=progress)
         results.append(row)
-        shown = f"error {row['error_rate']:.2f}%" if spec.metric == "error" else f"{row['accuracy_mean']:.2f}%"
-        pub = f" (published {spec.published})" if spec.published is not None else ""
+        shown = f"error {row['error_rate']:.2f}%" if bench.metric == "error" else f"{row['accuracy_mean']:.2f}%"
+        pub = f" (published {bench.published})" if bench.published is not None else ""
         log(f"    {shown} ± {row['accuracy_ci95']:.2f}{pub} [{time.perf_counter() - start:.0f} s]")
         write_outputs(suite, results, out)
     return results

@@ -1,7 +1,7 @@
 """Benchmark suites: TOML files of rows (dataset x learner x backbone x N-way K-shot).
 
 A suite file has optional ``name``/``description``, a ``[defaults]`` table applied to
-every row, and ``[[rows]]`` tables; every key of a row is a field of :class:`RowSpec`
+every row, and ``[[rows]]`` tables; every key of a row is a field of :class:`~metafew.config.RunConfig` or a report key of :class:`BenchRow`
 (unknown keys are an error, so a typo never silently falls back to a default)::
 
     name = "quick"
@@ -23,14 +23,14 @@ same files installed as ``metafew/suites`` by a wheel (``pip install metafew``).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
+from ..config import RunConfig
 from ..errors import ConfigError
+from ..registry import did_you_mean
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -43,108 +43,62 @@ SUITES_DIR = _REPO_SUITES if _REPO_SUITES.is_dir() else _WHEEL_SUITES
 
 
 @dataclass
-class RowSpec:
-    """One benchmark row: what to train, how, how to test it, and the published figure beside it.
+class BenchRow:
+    """One benchmark row: a :class:`~metafew.config.RunConfig` and the published figure beside it.
 
-    Figures (``published``) are percentages: accuracy, or error rate when ``metric == "error"``.
-    ``train_way``/``train_shot``/``train_query`` default to the test setting; set them when
-    the paper trained differently (ProtoNet: 60-way training). ``steps = 0`` evaluates the
-    learner untrained (or on a pretrained ``backbone_checkpoint``) without meta-training.
-    ``test = "lake"`` evaluates on Lake et al.'s 20 official 20-way 1-shot runs instead of
-    sampled episodes.
+    ``published`` is a percentage: accuracy, or error rate when ``metric == "error"``.
+    In a suite file a row is flat: its keys are RunConfig fields plus ``published``,
+    ``source``, ``notes`` and ``metric``.
     """
 
-    learner: str
-    n_way: int
-    k_shot: int
-    name: str = ""
-    dataset: str = "omniglot"
-    train_subset: str = "train"
-    val_subset: str | None = "val"
-    test_subset: str = "test"
-    test: Literal["episodes", "lake"] = "episodes"
-    learner_options: dict[str, Any] = field(default_factory=dict)
-    backbone: str | None = None  # None: conv4, or the architecture of backbone_checkpoint
-    backbone_options: dict[str, Any] = field(default_factory=dict)
-    backbone_checkpoint: str | None = None
-    n_query: int = 15
-    train_way: int | None = None
-    train_shot: int | None = None
-    train_query: int | None = None
-    steps: int = 1000
-    meta_batch_size: int = 1
-    optimizer: str | dict[str, Any] | None = None
-    lr: float | None = None
-    schedule: str = "constant"
-    step_size: int | None = None
-    gamma: float = 0.5
-    grad_clip: float | None = None
-    val_episodes: int = 100
-    val_every: int = 500
-    log_every: int = 100
-    checkpoint_every: int = 1000
-    eval_episodes: int = 600
-    eval_batch_size: int = 16
-    seed: int = 0
-    metric: Literal["accuracy", "error"] = "accuracy"
+    config: RunConfig
     published: float | None = None
     source: str = ""
     notes: str = ""
+    metric: Literal["accuracy", "error"] = "accuracy"
+
+    REPORT_KEYS: ClassVar[tuple[str, ...]] = ("published", "source", "notes", "metric")
 
     def __post_init__(self) -> None:
-        self.learner = self.learner.lower()
-        if not self.name:
-            self.name = f"{self.learner}-{self.n_way}w{self.k_shot}s"
-        if self.test not in ("episodes", "lake"):
-            raise ConfigError(f"row {self.name}: test must be 'episodes' or 'lake', got {self.test!r}")
         if self.metric not in ("accuracy", "error"):
             raise ConfigError(f"row {self.name}: metric must be 'accuracy' or 'error', got {self.metric!r}")
-        for key in ("n_way", "k_shot", "meta_batch_size", "eval_episodes"):
-            v = getattr(self, key)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"row {self.name}: {key} must be a positive integer, got {v!r}")
-        if not isinstance(self.steps, int) or self.steps < 0:
-            raise ConfigError(f"row {self.name}: steps must be a non-negative integer, got {self.steps!r}")
-        if self.val_subset in ("", "none"):
-            self.val_subset = None
+        if self.published is not None and (not isinstance(self.published, (int, float)) or isinstance(self.published, bool)):
+            raise ConfigError(f"row {self.name}: published must be a number, got {self.published!r}")
+        for key in ("source", "notes"):
+            if not isinstance(getattr(self, key), str):
+                raise ConfigError(f"row {self.name}: {key} must be a string, got {getattr(self, key)!r}")
 
-    # -- derived settings ---------------------------------------------------------
     @property
-    def train_setting(self) -> tuple[int, int, int]:
-        """(N, K, Q) of training episodes."""
-        return (
-            self.train_way or self.n_way,
-            self.train_shot or self.k_shot,
-            self.n_query if self.train_query is None else self.train_query,
-        )
+    def name(self) -> str:
+        return self.config.name
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def train_key(self) -> str:
-        """Short hash of everything that determines the trained weights (not eval or report fields)."""
-        skip = {"name", "test", "test_subset", "n_query", "eval_episodes", "eval_batch_size", "metric",
-                "published", "source", "notes", "log_every", "checkpoint_every"}
-        d = {k: v for k, v in self.to_dict().items() if k not in skip}
-        d["train_setting"] = self.train_setting  # n_way/k_shot also set the validation episodes
-        return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
+        """The flat row, as a suite file writes it."""
+        return {**self.config.to_dict(), **{k: getattr(self, k) for k in self.REPORT_KEYS}}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "row") -> RowSpec:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+    def from_dict(cls, d: dict[str, Any], where: str = "row") -> BenchRow:
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where}: a row must be a table of keys, got {d!r}")
+        known = RunConfig.field_names() + list(cls.REPORT_KEYS)
+        unknown = sorted(set(d) - set(known))
         if unknown:
-            raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known keys: {', '.join(sorted(known))})")
+            raise ConfigError(f"{where}: unknown key {unknown[0]!r}{did_you_mean(unknown[0], known)} (known keys: {', '.join(sorted(known))})")
         missing = [k for k in ("learner", "n_way", "k_shot") if k not in d]
         if missing:
             raise ConfigError(f"{where}: missing {missing[0]!r}")
-        return cls(**d)
+        report = {k: d[k] for k in cls.REPORT_KEYS if k in d}
+        config = RunConfig.from_dict({k: v for k, v in d.items() if k not in cls.REPORT_KEYS}, where=where)
+        try:
+            return cls(config, **report)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from e
 
 
 @dataclass
 class Suite:
     name: str
-    rows: list[RowSpec]
+    rows: list[BenchRow]
     description: str = ""
     path: Path | None = None
 
@@ -165,7 +119,9 @@ def load_suite(name_or_path: str | Path) -> Suite:
     """Read and check a suite TOML file."""
     path = resolve_suite(name_or_path)
     try:
-        doc = tomllib.loads(path.read_text())
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML ({e})") from e
     if "runner" in doc:  # a suite file with its own script (e.g. medical.toml), not rows for this runner
@@ -177,7 +133,12 @@ def load_suite(name_or_path: str | Path) -> Suite:
     rows_doc = doc.get("rows", [])
     if not rows_doc:
         raise ConfigError(f"{path}: no [[rows]]")
-    rows = [RowSpec.from_dict({**defaults, **r}, where=f"{path.name} row {i + 1}") for i, r in enumerate(rows_doc)]
+    if not isinstance(defaults, dict):
+        raise ConfigError(f"{path}: [defaults] must be a table, got {defaults!r}")
+    if not isinstance(rows_doc, list):
+        raise ConfigError(f"{path}: rows must be [[rows]] tables, got {rows_doc!r}")
+    rows = [BenchRow.from_dict({**defaults, **r} if isinstance(r, dict) else r, where=f"{path.name} row {i + 1}")
+            for i, r in enumerate(rows_doc)]
     names = [r.name for r in rows]
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup:

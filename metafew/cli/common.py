@@ -19,24 +19,94 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text + " (default: %(default)s)"
 
 
-def common_parser() -> argparse.ArgumentParser:
-    """``--device``, ``--seed``, ``--data-root``, ``--amp``, ``--no-progress``: accepted by every subcommand."""
+ALL_COMMON = ("device", "seed", "data_root", "amp", "progress")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def common_parser(options: tuple[str, ...] = ALL_COMMON) -> argparse.ArgumentParser:
+    """The shared options a command honours, from ``--device``, ``--seed``, ``--data-root``, ``--amp``, ``--no-progress``."""
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("common options")
-    g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
-    g.add_argument("--seed", type=int, default=0, help="seed of the initialisation and of the episodes")
-    g.add_argument("--data-root", metavar="DIR", default=None,
-                   help="where datasets live (default: $METAFEW_DATA, else ~/.cache/metafew/data)")
-    g.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="mixed precision (default: float32)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    if "device" in options:
+        g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    if "seed" in options:
+        g.add_argument("--seed", type=non_negative_int, default=0, help="seed of the initialisation and of the episodes")
+    if "data_root" in options:
+        g.add_argument("--data-root", metavar="DIR", default=None,
+                       help="where datasets live (default: $METAFEW_DATA, else ~/.cache/metafew/data)")
+    if "amp" in options:
+        g.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="mixed precision (default: float32)")
+    if "progress" in options:
+        g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return p
 
 
-def add_command(subparsers: Any, name: str, help: str, description: str, epilog: str = "") -> argparse.ArgumentParser:
-    """A subcommand parser with the common options and a readable help layout."""
+def add_command(
+    subparsers: Any, name: str, help: str, description: str, epilog: str = "", common: tuple[str, ...] = ALL_COMMON
+) -> argparse.ArgumentParser:
+    """A subcommand parser with the common options it honours (``common``) and a readable help layout."""
     return subparsers.add_parser(
-        name, help=help, description=description, epilog=epilog, parents=[common_parser()], formatter_class=HelpFormatter
+        name, help=help, description=description, epilog=epilog, parents=[common_parser(common)], formatter_class=HelpFormatter
     )
+
+
+def add_config_arguments(
+    parser: argparse.ArgumentParser | Any,
+    names: list[str],
+    *,
+    flags: dict[str, str] | None = None,
+    title: str | None = None,
+    show_defaults: bool = True,
+) -> None:
+    """Flags for the RunConfig fields ``names``, with the field's help and default (None: not given).
+
+    ``flags`` renames a field's flag for one command (``{"eval_episodes": "--episodes"}``).
+    """
+    from dataclasses import MISSING, fields
+
+    from ..config import RunConfig
+
+    meta = {f.name: f for f in fields(RunConfig)}
+    g = parser.add_argument_group(title) if title else parser
+    for name in names:
+        f = meta[name]
+        help = f.metadata["help"]
+        if show_defaults and "default" not in help and f.default not in (None, MISSING, ""):
+            help += f" (default: {f.default})"
+        typ = {"int": int, "float": float}.get(_base_type(f.type), str)
+        if typ is int and name not in ("seed",):
+            typ = _positive_or_zero if name in ("steps", "val_episodes") else _positive
+        metavar = "FILE" if name.endswith("checkpoint") else "X" if typ is float else "NAME" if typ is str else "N"
+        flag = (flags or {}).get(name, "--" + name.replace("_", "-"))
+        g.add_argument(flag, dest=name, type=typ, default=None, metavar=metavar, help=help)
+
+
+def _base_type(annotation: Any) -> str:
+    text = str(annotation)
+    return "int" if text.startswith("int") else "float" if text.startswith("float") else "str"
+
+
+def _positive(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return v
+
+
+def _positive_or_zero(text: str) -> int:
+    return non_negative_int(text)
+
+
+def config_overrides(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
+    """The RunConfig fields given on the command line (flags left out are not overrides)."""
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
 def parse_value(text: str) -> Any:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from ..bench.runner import train_row
-from ..bench.suite import RowSpec, load_suite
+from ..config import RunConfig, train_run
 from ..errors import ConfigError
-from .common import add_command, parse_options
+from ..registry import did_you_mean
+from .common import add_command, add_config_arguments, config_overrides, parse_options
 
 EPILOG = """\
 examples:
@@ -28,75 +27,49 @@ examples:
 Writes OUT/last.safetensors (full training state), OUT/best.safetensors (best validation
 weights), OUT/log.jsonl and OUT/learning_curve.png. Evaluate with `metafew eval --checkpoint OUT/best.safetensors`."""
 
-# RowSpec fields settable from the command line (None: not given).
-SPEC_FLAGS: list[tuple[str, type, str]] = [
-    ("dataset", str, "dataset name, e.g. omniglot, omniglot-lake, pneumoniamnist, caltech101, folder:PATH"),
-    ("learner", str, "protonet, maml, fomaml, reptile or finetune (default: protonet)"),
-    ("backbone", str, "backbone architecture: conv4, resnet12, resnet18 (default: conv4, or the checkpoint's)"),
-    ("backbone_checkpoint", str, "start from a pretrained backbone file (metafew pretrain)"),
-    ("n_way", int, "classes per episode (validation/test) (default: 5)"),
-    ("k_shot", int, "support images per class (default: 1)"),
-    ("n_query", int, "query images per class (validation/test)"),
-    ("train_way", int, "classes per training episode (default: --n-way)"),
-    ("train_shot", int, "support images per class in training (default: --k-shot)"),
-    ("train_query", int, "query images per class in training (default: --n-query)"),
-    ("train_subset", str, "subset to train on"),
-    ("val_subset", str, "subset to validate on ('none': no validation)"),
-    ("steps", int, "meta-training steps (meta-batches)"),
-    ("meta_batch_size", int, "episodes per step"),
-    ("optimizer", str, "adam, adamw or sgd (default: the learner's)"),
-    ("lr", float, "outer learning rate (default: the learner's)"),
-    ("schedule", str, "learning-rate schedule: constant, step, cosine or linear (to 0)"),
-    ("step_size", int, "steps between decays of the 'step' schedule"),
-    ("gamma", float, "decay factor of the 'step' schedule"),
-    ("grad_clip", float, "clip the gradient norm to this value"),
-    ("val_episodes", int, "fixed validation episodes (0: no validation)"),
-    ("val_every", int, "validate every N steps"),
-    ("log_every", int, "log every N steps"),
-    ("checkpoint_every", int, "save last.safetensors every N steps"),
+# RunConfig fields `metafew train` takes as flags.
+CONFIG_FLAGS = [
+    "dataset", "learner", "backbone", "backbone_checkpoint", "n_way", "k_shot", "n_query", "train_way", "train_shot",
+    "train_query", "train_subset", "val_subset", "steps", "meta_batch_size", "optimizer", "lr", "schedule", "step_size",
+    "gamma", "grad_clip", "val_episodes", "val_every", "log_every", "checkpoint_every",
 ]
 
 
-def add_spec_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("what to train (defaults: the suite row, else the usual few-shot settings)")
-    defaults = {f.name: f.default for f in fields(RowSpec)}
-    for name, typ, help in SPEC_FLAGS:
-        if "default" not in help and defaults.get(name) not in (None, MISSING):
-            help += f" (default: {defaults[name]})"
-        metavar = "FILE" if name.endswith("checkpoint") else {int: "N", float: "X"}.get(typ, "NAME")
-        g.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, metavar=metavar, help=help)
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    title = "what to train (defaults: the suite row, else the usual few-shot settings)"
+    g = p.add_argument_group(title)
+    add_config_arguments(g, CONFIG_FLAGS)
     g.add_argument("--option", action="append", metavar="KEY=VALUE", help="learner option, repeatable (e.g. inner_lr=0.4)")
     g.add_argument("--backbone-option", action="append", metavar="KEY=VALUE", help="backbone option, repeatable")
     g.add_argument("--suite", help="take the settings of a row of this benchmark suite (with --row)")
     g.add_argument("--row", help="row name in --suite")
 
 
-def spec_from_args(args: argparse.Namespace) -> RowSpec:
-    """A RowSpec from ``--suite/--row`` (if given), overridden by the explicit flags."""
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The RunConfig of ``--suite/--row`` (if given), overridden by the explicit flags."""
     base: dict[str, Any] = {}
     if args.suite or args.row:
         if not (args.suite and args.row):
             raise ConfigError("--suite and --row go together")
+        from ..bench.suite import load_suite  # a suite row is a RunConfig plus its published figure
+
         suite = load_suite(args.suite)
         match = [r for r in suite.rows if r.name == args.row]
         if not match:
-            raise ConfigError(f"suite {suite.name} has no row {args.row!r}; rows: {', '.join(r.name for r in suite.rows)}")
-        base = match[0].to_dict()
-    for name, _, _ in SPEC_FLAGS:
-        value = getattr(args, name)
-        if value is not None:
-            base[name] = value
+            names = [r.name for r in suite.rows]
+            raise ConfigError(f"suite {suite.name} has no row {args.row!r}{did_you_mean(args.row, names)}; rows: {', '.join(names)}")
+        base = match[0].config.to_dict()
+    base.update(config_overrides(args, CONFIG_FLAGS))
     if args.option:
         base["learner_options"] = {**base.get("learner_options", {}), **parse_options(args.option, "--option")}
     if args.backbone_option:
         base["backbone_options"] = {**base.get("backbone_options", {}), **parse_options(args.backbone_option, "--backbone-option")}
-    base.setdefault("learner", "protonet")
-    base.setdefault("n_way", 5)
-    base.setdefault("k_shot", 1)
     base["seed"] = args.seed
+    if args.amp is not None:
+        base["amp"] = args.amp
     if not args.suite:
         base.pop("name", None)
-    return RowSpec.from_dict(base, where="options")
+    return RunConfig.from_dict(base, where="options")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -108,7 +81,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "validating on fixed episodes of its validation classes and keeping the best weights.",
         epilog=EPILOG,
     )
-    add_spec_arguments(p)
+    add_config_flags(p)
     g = p.add_argument_group("run")
     g.add_argument("--out", metavar="DIR", help="run folder (default: runs/<row name>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from last.safetensors")
@@ -117,15 +90,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    spec = spec_from_args(args)
+    spec = config_from_args(args)
     out = Path(args.out or f"runs/{spec.name}").expanduser()
     if (out / "last.safetensors").exists() and not (args.resume or args.overwrite):
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start afresh")
     way, shot, query = spec.train_setting
     print(f"training {spec.learner} on {spec.dataset}/{spec.train_subset}: {way}-way {shot}-shot {query}-query, "
           f"{spec.steps} steps x {spec.meta_batch_size} episodes -> {out}")
-    _, result = train_row(spec, out, data_root=args.data_root, device=args.device, amp=args.amp,
-                          progress=args.progress, resume=args.resume)
+    _, result = train_run(spec, out, data_root=args.data_root, device=args.device, progress=args.progress,
+                          resume=args.resume)
     if result is None:
         print("steps = 0: nothing to train")
         return 0

@@ -1,0 +1,390 @@
+"""One run configuration, and the one function that builds a run from it.
+
+A :class:`RunConfig` holds everything needed to rebuild a meta-training run: data,
+backbone, learner, optimiser, schedule, episodes and precision. Every checkpoint that
+:func:`train_run` writes stores it, so :func:`load_run` rebuilds the trained learner
+from the file alone, and ``metafew train``, ``metafew eval`` and the benchmark suites
+(``metafew.bench``: a suite row is a RunConfig plus the published figure) all go
+through :func:`build`.
+
+>>> from metafew.config import RunConfig, build
+>>> config = RunConfig(learner="protonet", n_way=5, k_shot=1, train_way=20, steps=300)
+>>> config.train_setting
+(20, 1, 15)
+>>> learner = build(config, device="cpu")        # Conv-4 for Omniglot's 1x28x28 images
+>>> type(learner).__name__, config.in_channels, config.image_size
+('ProtoNet', 1, (28, 28))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, ConfigError
+from .registry import did_you_mean
+
+#: Version of the ``config`` stored in checkpoint records. 0.1.0 stored a benchmark row
+#: (no ``config_version``); those still load (see :meth:`RunConfig.from_record`).
+CONFIG_VERSION = 2
+
+_AMP = (None, "bf16", "fp16")
+_SCHEDULES = ("constant", "step", "cosine", "linear")
+_OPTIMIZERS = ("adam", "adamw", "sgd")
+# Keys a 0.1.0 checkpoint's config held that are about the benchmark report, not the run.
+_LEGACY_KEYS = {"published", "source", "notes", "metric", "pretrained_backbone"}
+
+
+def _opt(help: str, *, cli: bool = True) -> dict[str, Any]:
+    return {"help": help, "cli": cli}
+
+
+@dataclass
+class RunConfig:
+    """Everything that determines a meta-training run and its evaluation.
+
+    ``train_way``/``train_shot``/``train_query`` default to the test setting (``n_way``,
+    ``k_shot``, ``n_query``); set them when a paper trained differently (ProtoNet:
+    60-way training). ``steps = 0`` evaluates the learner untrained, or on a pretrained
+    ``backbone_checkpoint``. ``test = "lake"`` evaluates on Lake et al.'s 20 official
+    20-way one-shot runs instead of sampled episodes. ``in_channels``/``image_size`` are
+    filled in from the dataset by :func:`build` and recorded, so that a checkpoint
+    rebuilds without reading any data.
+    """
+
+    # -- data ------------------------------------------------------------------------
+    dataset: str = field(default="omniglot", metadata=_opt("dataset name, e.g. omniglot, omniglot-lake, pneumoniamnist, caltech101, folder:PATH"))
+    train_subset: str = field(default="train", metadata=_opt("subset to train on"))
+    val_subset: str | None = field(default="val", metadata=_opt("subset to validate on ('none': no validation)"))
+    test_subset: str = field(default="test", metadata=_opt("subset to test on"))
+    test: Literal["episodes", "lake"] = field(default="episodes", metadata=_opt("test on sampled episodes or Lake's 20 runs", cli=False))
+    # -- model -----------------------------------------------------------------------
+    learner: str = field(default="protonet", metadata=_opt("learner name (see metafew.list_learners())"))
+    learner_options: dict[str, Any] = field(default_factory=dict, metadata=_opt("learner keyword options", cli=False))
+    backbone: str | None = field(default=None, metadata=_opt("backbone architecture: conv4, resnet12, resnet18 (default: conv4, or the checkpoint's)"))
+    backbone_options: dict[str, Any] = field(default_factory=dict, metadata=_opt("backbone keyword options", cli=False))
+    backbone_checkpoint: str | None = field(default=None, metadata=_opt("start from a pretrained backbone file (metafew pretrain)"))
+    in_channels: int | None = field(default=None, metadata=_opt("image channels (default: the dataset's)", cli=False))
+    image_size: tuple[int, int] | None = field(default=None, metadata=_opt("image size (default: the dataset's)", cli=False))
+    # -- episodes --------------------------------------------------------------------
+    n_way: int = field(default=5, metadata=_opt("classes per episode (validation/test)"))
+    k_shot: int = field(default=1, metadata=_opt("support images per class"))
+    n_query: int = field(default=15, metadata=_opt("query images per class (validation/test)"))
+    train_way: int | None = field(default=None, metadata=_opt("classes per training episode (default: --n-way)"))
+    train_shot: int | None = field(default=None, metadata=_opt("support images per class in training (default: --k-shot)"))
+    train_query: int | None = field(default=None, metadata=_opt("query images per class in training (default: --n-query)"))
+    # -- optimisation ----------------------------------------------------------------
+    steps: int = field(default=1000, metadata=_opt("meta-training steps (meta-batches)"))
+    meta_batch_size: int = field(default=1, metadata=_opt("episodes per step"))
+    optimizer: str | dict[str, Any] | None = field(default=None, metadata=_opt("adam, adamw or sgd (default: the learner's)"))
+    lr: float | None = field(default=None, metadata=_opt("outer learning rate (default: the learner's)"))
+    schedule: str = field(default="constant", metadata=_opt("learning-rate schedule: constant, step, cosine or linear (to 0)"))
+    step_size: int | None = field(default=None, metadata=_opt("steps between decays of the 'step' schedule"))
+    gamma: float = field(default=0.5, metadata=_opt("decay factor of the 'step' schedule"))
+    grad_clip: float | None = field(default=None, metadata=_opt("clip the gradient norm to this value"))
+    # -- validation, logging, evaluation ----------------------------------------------
+    val_episodes: int = field(default=100, metadata=_opt("fixed validation episodes (0: no validation)"))
+    val_every: int = field(default=500, metadata=_opt("validate every N steps"))
+    log_every: int = field(default=100, metadata=_opt("log every N steps"))
+    checkpoint_every: int = field(default=1000, metadata=_opt("save last.safetensors every N steps"))
+    eval_episodes: int = field(default=600, metadata=_opt("fixed test episodes"))
+    eval_batch_size: int = field(default=16, metadata=_opt("episodes per evaluation batch"))
+    # -- precision, seed, name -------------------------------------------------------
+    amp: str | None = field(default=None, metadata=_opt("mixed precision: bf16 or fp16 (default: float32)", cli=False))
+    seed: int = field(default=0, metadata=_opt("seed of the initialisation and of the episodes", cli=False))
+    name: str = field(default="", metadata=_opt("run name (default: <learner>-<N>w<K>s)", cli=False))
+
+    def __post_init__(self) -> None:
+        self.learner = str(self.learner).lower()
+        if not self.name:
+            self.name = f"{self.learner}-{self.n_way}w{self.k_shot}s"
+        if self.val_subset in ("", "none"):
+            self.val_subset = None
+        if self.image_size is not None:
+            size = self.image_size
+            self.image_size = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        self._check()
+
+    def _check(self) -> None:
+        """Refuse values that cannot be right, naming the field and the value."""
+        where = f"run {self.name}"
+
+        def integer(key: str, low: int, optional: bool = False) -> None:
+            v = getattr(self, key)
+            if optional and v is None:
+                return
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise ConfigError(f"{where}: {key} must be an integer >= {low}, got {v!r}")
+
+        def number(key: str, low: float, optional: bool = False, strict: bool = False) -> None:
+            v = getattr(self, key)
+            if optional and v is None:
+                return
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < low or (strict and v == low):
+                raise ConfigError(f"{where}: {key} must be a number {'>' if strict else '>='} {low}, got {v!r}")
+
+        for key in ("dataset", "learner", "train_subset", "test_subset", "schedule", "name"):
+            if not isinstance(getattr(self, key), str):
+                raise ConfigError(f"{where}: {key} must be a string, got {getattr(self, key)!r}")
+        for key in ("learner_options", "backbone_options"):
+            if not isinstance(getattr(self, key), dict):
+                raise ConfigError(f"{where}: {key} must be a table of options, got {getattr(self, key)!r}")
+        integer("n_way", 2)
+        integer("k_shot", 1)
+        integer("n_query", 1)
+        integer("train_way", 2, optional=True)
+        integer("train_shot", 1, optional=True)
+        integer("train_query", 1, optional=True)
+        integer("steps", 0)
+        for key in ("meta_batch_size", "val_every", "log_every", "checkpoint_every", "eval_episodes", "eval_batch_size"):
+            integer(key, 1)
+        integer("val_episodes", 0)
+        integer("step_size", 1, optional=True)
+        integer("seed", 0)
+        number("lr", 0.0, optional=True, strict=True)
+        number("gamma", 0.0, strict=True)
+        number("grad_clip", 0.0, optional=True, strict=True)
+        if self.test not in ("episodes", "lake"):
+            raise ConfigError(f"{where}: test must be 'episodes' or 'lake', got {self.test!r}")
+        if self.schedule not in _SCHEDULES:
+            raise ConfigError(f"{where}: schedule must be one of {', '.join(_SCHEDULES)}, got {self.schedule!r}{did_you_mean(str(self.schedule), list(_SCHEDULES))}")
+        if self.schedule == "step" and self.step_size is None:
+            raise ConfigError(f"{where}: schedule 'step' needs step_size")
+        opt = self.optimizer["name"] if isinstance(self.optimizer, dict) and "name" in self.optimizer else self.optimizer
+        if opt is not None and str(opt).lower() not in _OPTIMIZERS:
+            raise ConfigError(f"{where}: optimizer must be one of {', '.join(_OPTIMIZERS)}, got {opt!r}{did_you_mean(str(opt), list(_OPTIMIZERS))}")
+        if self.amp not in _AMP:
+            raise ConfigError(f"{where}: amp must be 'bf16', 'fp16' or none, got {self.amp!r}")
+
+    # -- derived settings --------------------------------------------------------------
+    @property
+    def train_setting(self) -> tuple[int, int, int]:
+        """(N, K, Q) of training episodes."""
+        return (
+            self.train_way or self.n_way,
+            self.train_shot or self.k_shot,
+            self.n_query if self.train_query is None else self.train_query,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values (what checkpoints store)."""
+        d = asdict(self)
+        d["image_size"] = list(self.image_size) if self.image_size is not None else None
+        return d
+
+    def train_key(self) -> str:
+        """Short hash of everything that determines the trained weights (not evaluation or naming)."""
+        skip = {"name", "test", "test_subset", "n_query", "eval_episodes", "eval_batch_size", "log_every",
+                "checkpoint_every", "in_channels", "image_size"}
+        d = {k: v for k, v in self.to_dict().items() if k not in skip}
+        if d.get("amp") is None:
+            d.pop("amp")  # keeps the run folders of 0.1.0 (which had no amp field) valid
+        d["train_setting"] = self.train_setting  # n_way/k_shot also set the validation episodes
+        return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "config") -> RunConfig:
+        """A RunConfig from plain values; an unknown key is an error with a suggestion (a typo never falls back)."""
+        known = cls.field_names()
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {unknown[0]!r}{did_you_mean(unknown[0], known)} (known keys: {', '.join(sorted(known))})")
+        try:
+            return cls(**d)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from e
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], path: str | Path) -> RunConfig:
+        """The config stored in a checkpoint record by :func:`train_run` (this version or 0.1.0)."""
+        version = record["config"].get("config_version", 1)
+        if not isinstance(version, int) or version > CONFIG_VERSION:
+            raise CheckpointError(
+                f"{path}: run configuration version {version!r}, this metafew reads versions 1 to {CONFIG_VERSION}; "
+                "upgrade metafew to load it"
+            )
+        d = {k: v for k, v in dict(record["config"]).items() if k not in _LEGACY_KEYS | {"config_version"}}
+        if version == 1 and record["config"].get("pretrained_backbone"):
+            d["backbone_checkpoint"] = None  # 0.1.0 recorded the file it started from; its weights are in the checkpoint
+        return cls.from_dict(d, where=str(path))
+
+
+# -- assembling a run -----------------------------------------------------------------
+def resolve(config: RunConfig, *, data_root: str | Path | None = None) -> RunConfig:
+    """A copy of ``config`` with what it leaves open filled in: image format and backbone architecture.
+
+    The image format is read from the dataset's listing (nothing is decoded) unless
+    recorded; a ``backbone_checkpoint`` gives the architecture and its options. The
+    result rebuilds the same learner without the dataset or the backbone file.
+    """
+    d = config.to_dict()
+    if config.in_channels is None or config.image_size is None:
+        from .data import load_dataset
+
+        ds = load_dataset(config.dataset, config.train_subset, root=data_root)
+        d["in_channels"], d["image_size"] = ds.channels, (int(ds.image_size[0]), int(ds.image_size[1]))
+    if config.backbone_checkpoint:
+        from .checkpoint import read_backbone_record
+
+        rec = read_backbone_record(config.backbone_checkpoint)
+        if config.backbone not in (None, rec.arch):
+            raise CheckpointError(f"{config.backbone_checkpoint} holds a {rec.arch} backbone, not {config.backbone}")
+        d["backbone"], d["backbone_options"] = rec.arch, dict(rec.options)
+    d["backbone"] = d["backbone"] or "conv4"
+    return RunConfig(**d)
+
+
+def build(config: RunConfig, *, device: str | torch.device = "auto", data_root: str | Path | None = None) -> nn.Module:
+    """The backbone (new, or the pretrained ``backbone_checkpoint``) and learner of ``config``, on ``device``.
+
+    Seeded by ``config.seed``; ``config`` itself is not changed (see :func:`resolve`).
+    """
+    from .backbones import create as create_backbone
+    from .checkpoint import load_backbone
+    from .device import resolve_device
+    from .learners import accepts
+    from .learners import create as create_learner
+
+    full = resolve(config, data_root=data_root)
+    size: tuple[int, int] = full.image_size  # type: ignore[assignment]
+    torch.manual_seed(full.seed)
+    if full.backbone_checkpoint:
+        backbone, _ = load_backbone(full.backbone_checkpoint, in_channels=full.in_channels, image_size=size, arch=full.backbone)
+        backbone.train()
+    else:
+        backbone = create_backbone(full.backbone or "conv4", in_channels=full.in_channels or 3, image_size=size, **full.backbone_options)
+    options = dict(full.learner_options)
+    if "n_way" not in options and accepts(full.learner, "n_way"):
+        options["n_way"] = full.train_setting[0]
+    if full.amp and "amp" not in options and accepts(full.learner, "amp"):
+        options["amp"] = full.amp
+    return create_learner(full.learner, backbone, **options).to(resolve_device(device))
+
+
+def train_run(
+    config: RunConfig,
+    out_dir: str | Path | None,
+    *,
+    data_root: str | Path | None = None,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+    resume: bool = True,
+) -> tuple[nn.Module, Any]:
+    """Meta-train ``config``'s learner (resuming in ``out_dir``) and load its best weights.
+
+    Returns ``(learner, TrainResult)``; the result is None when ``config.steps == 0``.
+    Every checkpoint records ``config`` (with the pretrained backbone's weights inside
+    the learner's), so :func:`load_run` needs nothing but the file.
+    """
+    from .data import EpisodeSampler, load_dataset
+    from .device import resolve_device
+    from .engine.train import load_weights, train
+
+    dev = resolve_device(device)
+    train_ds = load_dataset(config.dataset, config.train_subset, root=data_root)
+    learner = build(config, device=dev, data_root=data_root)
+    if config.steps == 0:
+        return learner, None
+    way, shot, query = config.train_setting
+    sampler = EpisodeSampler(train_ds, way, shot, query, seed=config.seed, device=dev)
+    val = None
+    if config.val_subset and config.val_episodes > 0:
+        val_ds = load_dataset(config.dataset, config.val_subset, root=data_root)
+        val = EpisodeSampler(val_ds, config.n_way, config.k_shot, config.n_query, seed=config.seed, device=dev).fixed(config.val_episodes)
+    # The config that rebuilds this learner; the pretrained backbone's weights live in the checkpoint.
+    recorded = {**resolve(config, data_root=data_root).to_dict(), "backbone_checkpoint": None, "config_version": CONFIG_VERSION}
+    result = train(
+        learner, sampler, steps=config.steps, meta_batch_size=config.meta_batch_size, optimizer=config.optimizer,
+        lr=config.lr, schedule=config.schedule, step_size=config.step_size, gamma=config.gamma, val_episodes=val,
+        val_every=config.val_every, val_batch_size=config.eval_batch_size, log_every=config.log_every,
+        out_dir=out_dir, checkpoint_every=config.checkpoint_every, resume=resume, amp=config.amp,
+        grad_clip=config.grad_clip, progress=progress, seed=config.seed,
+        config=recorded,
+    )
+    if result.checkpoint is not None and result.checkpoint.name == "best.safetensors":
+        load_weights(learner, result.checkpoint, dev)
+    return learner, result
+
+
+def test_episodes(config: RunConfig, *, data_root: str | Path | None = None, device: str | torch.device = "auto") -> Any:
+    """The fixed test episodes of ``config``: ``eval_episodes`` drawn with ``seed``, or Lake's 20 runs."""
+    from .data import EpisodeSampler, lake_runs, load_dataset
+
+    if config.test == "lake":
+        return lake_runs(data_root)
+    test_ds = load_dataset(config.dataset, config.test_subset, root=data_root)
+    return EpisodeSampler(test_ds, config.n_way, config.k_shot, config.n_query, seed=config.seed, device=device).fixed(config.eval_episodes)
+
+
+test_episodes.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
+
+
+def load_run(
+    path: str | Path, *, device: str | torch.device = "cpu", overrides: dict[str, Any] | None = None
+) -> tuple[RunConfig, nn.Module, dict[str, Any]]:
+    """Rebuild a trained learner from a checkpoint of :func:`train_run`, reading the file once.
+
+    ``overrides`` change evaluation settings (dataset, N, K, ...) of the recorded config;
+    a pretrained backbone file (``metafew pretrain``) is wrapped in the ``learner`` the
+    overrides name (default ProtoNet). Returns ``(config, learner, record)``.
+    """
+    from .checkpoint import check_state_dict, load_state, read_backbone_record
+    from .device import resolve_device
+
+    dev = resolve_device(device)
+    state, record = load_state(path, dev)
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if record.get("config"):
+        config = RunConfig.from_record(record, path)
+        if overrides.get("backbone") not in (None, config.backbone):
+            raise CheckpointError(f"{path} holds a {config.backbone} backbone, not {overrides['backbone']}")
+        weights = state.get("learner", state) if isinstance(state, dict) and "learner" in state else state
+    elif "arch" in record:  # a bare pretrained backbone: wrap it in a learner
+        rec = read_backbone_record(path)
+        config = RunConfig(
+            learner=overrides.get("learner", "protonet"), backbone=rec.arch, backbone_options=dict(rec.options),
+            backbone_checkpoint=str(path), dataset=_loadable(record.get("dataset")), in_channels=rec.in_channels,
+            image_size=tuple(rec.image_size), steps=0,  # type: ignore[arg-type]
+        )
+        weights = None
+    else:
+        raise CheckpointError(f"{path} records no run configuration (not written by metafew train or metafew pretrain)")
+    if overrides:
+        if "dataset" in overrides and "test_subset" not in overrides:
+            overrides["test_subset"] = "test"
+        d = {**config.to_dict(), **overrides}
+        d["name"] = ""
+        config = RunConfig.from_dict(d, where=str(path))
+    learner = build(config, device=dev)
+    if weights is not None:
+        check_state_dict(learner, weights, str(path))
+        learner.load_state_dict(weights)
+    return config, learner, record
+
+
+def _loadable(dataset: Any) -> str:
+    """A dataset name a backbone record names, as :func:`metafew.load_dataset` takes it."""
+    from .data import available_datasets
+
+    name = str(dataset or "omniglot")
+    base = name.split("/")[-1].split("-")[0] if "/" in name else name
+    return base if base in available_datasets() else name
+
+
+def config_defaults() -> dict[str, Any]:
+    """Each field's default (for help texts)."""
+    out: dict[str, Any] = {}
+    for f in fields(RunConfig):
+        if f.default is not MISSING:
+            out[f.name] = f.default
+    return out
