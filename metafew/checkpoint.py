@@ -143,8 +143,13 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], doc: dict[str, Any]) ->
     return atomic_write(path, lambda tmp: save_file(clean, tmp, metadata={_META_KEY: meta}), fsync=True)
 
 
-def _read(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[Path, dict, dict[str, torch.Tensor]]:
-    """Read a metafew checkpoint: (resolved path, metadata document, tensors). Checks format and version."""
+def _read(
+    path: str | os.PathLike[str], device: str | torch.device = "cpu", *, tensors: bool = True
+) -> tuple[Path, dict, dict[str, torch.Tensor]]:
+    """Read a metafew checkpoint: (resolved path, metadata document, tensors). Checks format and version.
+
+    ``tensors=False`` reads the header only (the tensors come back empty).
+    """
     from safetensors import safe_open
 
     p = _existing_path(path)
@@ -154,7 +159,7 @@ def _read(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> t
             raw = meta.get(_META_KEY)
             if raw is None:
                 raise CheckpointError(f"{p} is not a metafew checkpoint (a safetensors file without a metafew record)")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+            body = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}  # noqa: SIM118 - safe_open has no __iter__
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a bad header
@@ -172,7 +177,13 @@ def _read(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> t
         raise CheckpointError(
             f"{p} has checkpoint format version {version}, this metafew reads version {FORMAT_VERSION} ({hint})"
         )
-    return p, doc, tensors
+    return p, doc, body
+
+
+def read_header(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
+    """``(path, metadata document)`` of a metafew checkpoint, without reading its tensors."""
+    p, doc, _ = _read(path, tensors=False)
+    return p, doc
 
 
 # -- backbones --------------------------------------------------------------------
@@ -232,8 +243,8 @@ def save_backbone(
 
 
 def read_backbone_record(path: str | os.PathLike[str]) -> BackboneRecord:
-    """The record of a backbone checkpoint, without building the model."""
-    p, doc, _ = _read(path)
+    """The record of a backbone checkpoint, without building the model or reading its weights."""
+    p, doc = read_header(path)
     return _backbone_record(p, doc)
 
 

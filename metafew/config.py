@@ -7,13 +7,14 @@ from the file alone, and ``metafew train``, ``metafew eval`` and the benchmark s
 (``metafew.bench``: a suite row is a RunConfig plus the published figure) all go
 through :func:`build`.
 
->>> from metafew.config import RunConfig, build
+>>> from metafew.config import RunConfig, build, resolve
 >>> config = RunConfig(learner="protonet", n_way=5, k_shot=1, train_way=20, steps=300)
 >>> config.train_setting
 (20, 1, 15)
 >>> learner = build(config, device="cpu")        # Conv-4 for Omniglot's 1x28x28 images
->>> type(learner).__name__, config.in_channels, config.image_size
-('ProtoNet', 1, (28, 28))
+>>> full = resolve(config)                        # what a checkpoint records
+>>> type(learner).__name__, full.backbone, full.in_channels, full.image_size
+('ProtoNet', 'conv4', 1, (28, 28))
 """
 
 from __future__ import annotations
@@ -248,6 +249,10 @@ def build(config: RunConfig, *, device: str | torch.device = "auto", data_root: 
     """The backbone (new, or the pretrained ``backbone_checkpoint``) and learner of ``config``, on ``device``.
 
     Seeded by ``config.seed``; ``config`` itself is not changed (see :func:`resolve`).
+
+    >>> learner = build(RunConfig(learner="maml", n_way=5, train_way=5), device="cpu")
+    >>> type(learner).__name__, learner.n_way
+    ('MAML', 5)
     """
     from .backbones import create as create_backbone
     from .checkpoint import load_backbone
@@ -285,6 +290,16 @@ def train_run(
     Returns ``(learner, TrainResult)``; the result is None when ``config.steps == 0``.
     Every checkpoint records ``config`` (with the pretrained backbone's weights inside
     the learner's), so :func:`load_run` needs nothing but the file.
+
+    >>> import tempfile
+    >>> run = tempfile.mkdtemp()
+    >>> config = RunConfig(learner="protonet", train_way=5, steps=3, val_episodes=0)
+    >>> learner, result = train_run(config, run, device="cpu", progress=False)
+    >>> result.steps
+    3
+    >>> loaded, learner, record = load_run(f"{run}/last.safetensors")
+    >>> loaded.learner, loaded.steps, record["step"]
+    ('protonet', 3, 3)
     """
     from .data import EpisodeSampler, load_dataset
     from .device import resolve_device
@@ -337,6 +352,13 @@ def load_run(
     ``overrides`` change evaluation settings (dataset, N, K, ...) of the recorded config;
     a pretrained backbone file (``metafew pretrain``) is wrapped in the ``learner`` the
     overrides name (default ProtoNet). Returns ``(config, learner, record)``.
+
+    >>> import tempfile
+    >>> run = tempfile.mkdtemp()
+    >>> _ = train_run(RunConfig(train_way=5, steps=2, val_episodes=0), run, device="cpu", progress=False)
+    >>> config, learner, _ = load_run(f"{run}/last.safetensors", overrides={"n_way": 20})
+    >>> config.n_way, type(learner).__name__
+    (20, 'ProtoNet')
     """
     from .checkpoint import check_state_dict, load_state, read_backbone_record
     from .device import resolve_device

@@ -34,7 +34,13 @@ def available() -> list[str]:
 
 
 def create(name: str, in_channels: int = 3, image_size: tuple[int, int] | int = 84, **options) -> nn.Module:
-    """Build a backbone by name; ``out_features`` is set for the given input size."""
+    """Build a backbone by name; ``out_features`` is set for the given input size.
+
+    >>> from metafew.backbones import create
+    >>> backbone = create("conv4", in_channels=1, image_size=28)
+    >>> backbone.out_features
+    64
+    """
     factory = BACKBONES.get(name)
     name = name.lower()
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)

@@ -45,14 +45,15 @@ def run(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite)
     if args.seed:  # --seed N replaces the rows' own seeds (0 unless the suite says otherwise)
         for r in suite.rows:
-            r.seed = args.seed
+            r.config.seed = args.seed
     if args.list:
         print(f"suite {suite.name} ({suite.path}): {suite.description}")
         for r in suite.rows:
-            way, shot, query = r.train_setting
+            c = r.config
+            way, shot, query = c.train_setting
             pub = f", published {r.published}" if r.published is not None else ""
-            print(f"  {r.name}: {r.dataset} {r.n_way}-way {r.k_shot}-shot, {r.learner}, {r.steps} steps "
-                  f"of {r.meta_batch_size} x {way}-way {shot}-shot {query}-query{pub}")
+            print(f"  {r.name}: {c.dataset} {c.n_way}-way {c.k_shot}-shot, {c.learner}, {c.steps} steps "
+                  f"of {c.meta_batch_size} x {way}-way {shot}-shot {query}-query{pub}")
         return 0
     out = Path(args.out or f"results/{suite.name}.json")
     run_suite(suite, out, work_dir=args.work_dir, only=args.row, data_root=args.data_root, device=args.device,

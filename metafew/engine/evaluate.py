@@ -153,6 +153,13 @@ def evaluate(
         auc: also compute the macro one-vs-rest AUC of the query log-softmax scores (same ranking as probabilities, without ties where they saturate)
             (adapts one episode at a time); default: only for 2-way episodes.
         progress: show a tqdm bar.
+
+    >>> import metafew
+    >>> test = metafew.EpisodeSampler(metafew.load_dataset("omniglot", "test"), 5, 1, seed=0, device="cpu")
+    >>> learner = metafew.ProtoNet(metafew.create_backbone("conv4", in_channels=1, image_size=28))
+    >>> result = metafew.evaluate(learner, test.fixed(8), progress=False)
+    >>> result.episodes, 0.0 <= result.accuracy_mean <= 1.0
+    (8, True)
     """
     if len(episodes) == 0:
         raise MetafewError(f"{episodes.name}: no episodes to evaluate on")

@@ -127,6 +127,13 @@ def train(
     from ``last.safetensors``. ``amp``: ``"bf16"``/``"fp16"`` autocast (fp16 with a
     GradScaler). ``config`` is stored in every checkpoint record (what the run is, to
     rebuild the learner later).
+
+    >>> import metafew
+    >>> sampler = metafew.EpisodeSampler(metafew.load_dataset("omniglot", "train"), 5, 1, 5, seed=0, device="cpu")
+    >>> learner = metafew.ProtoNet(metafew.create_backbone("conv4", in_channels=1, image_size=28))
+    >>> result = metafew.train(learner, sampler, steps=3, progress=False)
+    >>> result.steps, result.checkpoint is None      # no out_dir: nothing written
+    (3, True)
     """
     if steps < 0 or meta_batch_size < 1 or log_every < 1 or val_every < 1 or checkpoint_every < 1:
         raise ConfigError("steps must be >= 0, and meta_batch_size, log_every, val_every, checkpoint_every >= 1")
