@@ -85,7 +85,7 @@ class RunConfig:
     meta_batch_size: int = field(default=1, metadata=_opt("episodes per step"))
     optimizer: str | dict[str, Any] | None = field(default=None, metadata=_opt("adam, adamw or sgd (default: the learner's)"))
     lr: float | None = field(default=None, metadata=_opt("outer learning rate (default: the learner's)"))
-    schedule: str = field(default="constant", metadata=_opt("learning-rate schedule: constant, step, cosine or linear (to 0)"))
+    schedule: str = field(default="constant", metadata={**_opt("learning-rate schedule (linear: to 0)"), "choices": list(_SCHEDULES)})
     step_size: int | None = field(default=None, metadata=_opt("steps between decays of the 'step' schedule"))
     gamma: float = field(default=0.5, metadata=_opt("decay factor of the 'step' schedule"))
     grad_clip: float | None = field(default=None, metadata=_opt("clip the gradient norm to this value"))
@@ -218,6 +218,108 @@ class RunConfig:
         if version == 1 and record["config"].get("pretrained_backbone"):
             d["backbone_checkpoint"] = None  # 0.1.0 recorded the file it started from; its weights are in the checkpoint
         return cls.from_dict(d, where=str(path))
+
+
+@dataclass
+class PretrainConfig:
+    """A supervised pretraining recipe (:func:`metafew.pretrain`): cross-entropy over a dataset's base classes.
+
+    ``augment`` is None or ``{"name": "flipcrop", "padding": 4, "flip": true}``; ``keep``
+    picks the weights of the last epoch or of the best validation epoch (``val_subset``
+    classes; test classes are never seen).
+
+    >>> PretrainConfig(dataset="omniglot", subset="train", val_subset="val", epochs=5).key() == PretrainConfig(
+    ...     dataset="omniglot", subset="train", val_subset="val", epochs=5).key()
+    True
+    """
+
+    dataset: str = field(default="omniglot", metadata=_opt("dataset name"))
+    subset: str = field(default="train", metadata=_opt("subset of base classes to train on"))
+    val_subset: str | None = field(default=None, metadata=_opt("validation subset checked every epoch (few-shot accuracy)"))
+    backbone: str = field(default="conv4", metadata=_opt("backbone architecture"))
+    backbone_options: dict[str, Any] = field(default_factory=dict, metadata=_opt("backbone keyword options", cli=False))
+    epochs: int = field(default=30, metadata=_opt("passes over the training images"))
+    batch_size: int = field(default=128, metadata=_opt("images per step"))
+    lr: float = field(default=0.05, metadata=_opt("initial SGD learning rate"))
+    weight_decay: float = field(default=5e-4, metadata=_opt("SGD weight decay"))
+    label_smoothing: float = field(default=0.0, metadata=_opt("cross-entropy label smoothing"))
+    augment: dict[str, Any] | None = field(default=None, metadata=_opt("on-device augmentation", cli=False))
+    keep: str = field(default="last", metadata={**_opt("keep the 'last' epoch or the 'best' on validation"), "choices": ["last", "best"]})
+    amp: str | None = field(default=None, metadata=_opt("mixed precision", cli=False))
+    seed: int = field(default=0, metadata=_opt("seed", cli=False))
+
+    def __post_init__(self) -> None:
+        where = "pretrain"
+        for key in ("epochs", "batch_size"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"{where}: {key} must be a positive integer, got {v!r}")
+        for key, low in (("lr", 0.0), ("weight_decay", 0.0), ("label_smoothing", 0.0)):
+            v = getattr(self, key)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < low or (key == "lr" and v == 0):
+                raise ConfigError(f"{where}: {key} must be a number {'>' if key == 'lr' else '>='} 0, got {v!r}")
+        if self.label_smoothing >= 1:
+            raise ConfigError(f"{where}: label_smoothing must be below 1, got {self.label_smoothing!r}")
+        if self.keep not in ("last", "best"):
+            raise ConfigError(f"{where}: keep must be 'last' or 'best', got {self.keep!r}")
+        if self.keep == "best" and not self.val_subset:
+            raise ConfigError(f"{where}: keep = 'best' needs a val_subset to choose the best epoch")
+        if self.amp not in _AMP:
+            raise ConfigError(f"{where}: amp must be 'bf16', 'fp16' or none, got {self.amp!r}")
+        if self.augment is not None and (not isinstance(self.augment, dict) or self.augment.get("name") != "flipcrop"):
+            raise ConfigError(f"{where}: augment must be {{name = 'flipcrop', padding = N, flip = BOOL}} or absent, got {self.augment!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "pretrain") -> PretrainConfig:
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {unknown[0]!r}{did_you_mean(unknown[0], known)} (known keys: {', '.join(known)})")
+        try:
+            return cls(**d)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from e
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def key(self) -> str:
+        """Short hash of the recipe and of what else decides the weights (metafew and torch versions)."""
+        from . import __version__
+
+        d = {**self.to_dict(), "metafew": __version__, "torch": torch.__version__.split("+")[0]}
+        return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def run_pretrain(
+    recipe: PretrainConfig,
+    out: str | Path,
+    *,
+    data_root: str | Path | None = None,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+    log: Any = None,
+) -> Path:
+    """Pretrain the recipe's backbone and save it at ``out`` (with the recipe in its record); returns the file."""
+    from .checkpoint import checkpoint_path
+    from .data import FlipCrop, load_dataset
+    from .engine.pretrain import pretrain
+
+    dataset = load_dataset(recipe.dataset, recipe.subset, root=data_root)
+    val = load_dataset(recipe.dataset, recipe.val_subset, root=data_root) if recipe.val_subset else None
+    augment = None
+    if recipe.augment:
+        opts = {k: v for k, v in recipe.augment.items() if k != "name"}
+        augment = FlipCrop(**opts)
+    path = checkpoint_path(out)
+    pretrain(
+        recipe.backbone, dataset, epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr,
+        weight_decay=recipe.weight_decay, label_smoothing=recipe.label_smoothing, device=device, amp=recipe.amp,
+        val=val, augment=augment, seed=recipe.seed, out=path, progress=progress,
+        log=log if log is not None else path.with_suffix(".log.jsonl"),
+        backbone_options=recipe.backbone_options or None, keep=recipe.keep,
+    )
+    return path
 
 
 # -- assembling a run -----------------------------------------------------------------

@@ -249,3 +249,40 @@ def test_no_upward_imports_and_no_import_circles():
     for m in modules:
         if m not in state:
             visit(m, [m])
+
+
+# -- a suite that pretrains its backbone ------------------------------------------------------------------
+def test_a_suite_pretrains_its_backbone_once(tmp_path):
+    from metafew.bench import load_suite, run_suite
+
+    suite_file = tmp_path / "tiny.toml"
+    suite_file.write_text(
+        'name = "tiny"\n'
+        '[pretrain]\ndataset = "breastmnist"\nsubset = "train"\nval_subset = "val"\nepochs = 2\nkeep = "best"\n'
+        'augment = { name = "flipcrop", padding = 2 }\n'
+        '[defaults]\ndataset = "breastmnist"\nval_subset = "none"\nn_way = 2\nk_shot = 5\neval_episodes = 20\n'
+        '[[rows]]\nlearner = "protonet"\nsteps = 0\n'
+    )
+    suite = load_suite(suite_file)
+    assert suite.pretrain is not None and suite.pretrain.keep == "best"
+    lines: list[str] = []
+    rows = run_suite(suite, tmp_path / "out.json", device="cpu", progress=False, log=lines.append)
+    assert rows[0]["backbone"].startswith("pretrained pretrain-conv4-breastmnist-")
+    assert 0 <= rows[0]["accuracy_mean"] <= 100
+    backbone = metafew.load(next((tmp_path / "runs" / "tiny").glob("pretrain-*.safetensors")), device="cpu")
+    assert backbone.out_features == 64
+    lines.clear()
+    run_suite(load_suite(suite_file), tmp_path / "out.json", device="cpu", progress=False, log=lines.append)
+    assert any("(reused)" in line for line in lines)
+
+
+def test_a_suite_rejects_a_bad_pretrain_table(tmp_path):
+    from metafew.bench import load_suite
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[pretrain]\nepoch = 3\n[[rows]]\nlearner = "protonet"\nn_way = 5\nk_shot = 1\n')
+    with pytest.raises(ConfigError, match="unknown key 'epoch'; did you mean 'epochs'"):
+        load_suite(bad)
+    bad.write_text('[pretrain]\nkeep = "best"\n[[rows]]\nlearner = "protonet"\nn_way = 5\nk_shot = 1\n')
+    with pytest.raises(ConfigError, match="needs a val_subset"):
+        load_suite(bad)

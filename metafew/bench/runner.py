@@ -100,6 +100,25 @@ def run_row(
     return row
 
 
+def pretrained_backbone(
+    suite: Suite, work: Path, *, data_root: str | Path | None, device: torch.device, progress: bool, log: Any
+) -> Path:
+    """The suite's ``[pretrain]`` backbone in ``work``: made once, then reused (keyed by recipe and versions)."""
+    from ..config import run_pretrain
+
+    recipe = suite.pretrain
+    assert recipe is not None
+    path = work / f"pretrain-{recipe.backbone}-{recipe.dataset}-{recipe.key()}.safetensors"
+    if path.is_file():
+        log(f"pretrained backbone: {path} (reused)")
+        return path
+    log(f"pretraining {recipe.backbone} on {recipe.dataset}/{recipe.subset} ({recipe.epochs} epochs) -> {path}")
+    start = time.perf_counter()
+    run_pretrain(recipe, path, data_root=data_root, device=device, progress=progress)
+    log(f"    pretrained in {time.perf_counter() - start:.0f} s")
+    return path
+
+
 def _same_row(cached: Any, current: dict[str, Any]) -> bool:
     """Whether a cached result is of this row; keys 0.1.0 did not record count only when set."""
     if not isinstance(cached, dict):
@@ -133,6 +152,10 @@ def run_suite(
             raise ConfigError(f"suite {suite.name} has no row {unknown[0]!r}; rows: {', '.join(r.name for r in rows)}")
         rows = [r for r in rows if r.name in only]
     dev = resolve_device(device)
+    if suite.pretrain is not None:
+        backbone = pretrained_backbone(suite, work, data_root=data_root, device=dev, progress=progress, log=log)
+        for bench in rows:
+            bench.config.backbone_checkpoint = bench.config.backbone_checkpoint or str(backbone)
     results: list[dict[str, Any]] = []
     for i, bench in enumerate(rows, 1):
         spec = bench.config

@@ -16,6 +16,10 @@ every row, and ``[[rows]]`` tables; every key of a row is a field of :class:`~me
     published = 98.8
     source = "Snell et al. 2017, Table 1"
 
+A ``[pretrain]`` table (a :class:`~metafew.config.PretrainConfig`) makes the runner
+pretrain one backbone first (once: it is kept, keyed by the recipe) and start every row
+that names no ``backbone_checkpoint`` from it.
+
 ``--suite NAME`` resolves as a path, else ``./benchmarks/suites/NAME.toml``, else the
 suites that came with metafew: ``<repo>/benchmarks/suites`` in a source checkout, the
 same files installed as ``metafew/suites`` by a wheel (``pip install metafew``).
@@ -28,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from ..config import RunConfig
+from ..config import PretrainConfig, RunConfig
 from ..errors import ConfigError
 from ..registry import did_you_mean
 
@@ -101,6 +105,7 @@ class Suite:
     rows: list[BenchRow]
     description: str = ""
     path: Path | None = None
+    pretrain: PretrainConfig | None = None  # a [pretrain] recipe: the backbone every row starts from
 
 
 def resolve_suite(name_or_path: str | Path) -> Path:
@@ -126,9 +131,14 @@ def load_suite(name_or_path: str | Path) -> Suite:
         raise ConfigError(f"{path}: invalid TOML ({e})") from e
     if "runner" in doc:  # a suite file with its own script (e.g. medical.toml), not rows for this runner
         raise ConfigError(f"{path} is not a `metafew bench` suite; run it with `python {doc['runner']}`")
-    extra = sorted(set(doc) - {"name", "description", "defaults", "rows"})
+    extra = sorted(set(doc) - {"name", "description", "defaults", "rows", "pretrain"})
     if extra:
-        raise ConfigError(f"{path}: unknown top-level key {extra[0]!r} (expected name, description, [defaults], [[rows]])")
+        raise ConfigError(f"{path}: unknown top-level key {extra[0]!r} (expected name, description, [pretrain], [defaults], [[rows]])")
+    pretrain = None
+    if "pretrain" in doc:
+        if not isinstance(doc["pretrain"], dict):
+            raise ConfigError(f"{path}: [pretrain] must be a table, got {doc['pretrain']!r}")
+        pretrain = PretrainConfig.from_dict(doc["pretrain"], where=f"{path.name} [pretrain]")
     defaults = doc.get("defaults", {})
     rows_doc = doc.get("rows", [])
     if not rows_doc:
@@ -143,4 +153,4 @@ def load_suite(name_or_path: str | Path) -> Suite:
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup:
         raise ConfigError(f"{path}: two rows are named {dup!r}; give them distinct `name`s")
-    return Suite(str(doc.get("name", path.stem)), rows, str(doc.get("description", "")), path)
+    return Suite(str(doc.get("name", path.stem)), rows, str(doc.get("description", "")), path, pretrain)

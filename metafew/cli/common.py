@@ -64,8 +64,11 @@ def add_config_arguments(
     flags: dict[str, str] | None = None,
     title: str | None = None,
     show_defaults: bool = True,
+    config: type | None = None,
 ) -> None:
-    """Flags for the RunConfig fields ``names``, with the field's help and default (None: not given).
+    """Flags for the fields ``names`` of ``config`` (default RunConfig), with each field's help and default.
+
+    A flag left out parses to None (not an override).
 
     ``flags`` renames a field's flag for one command (``{"eval_episodes": "--episodes"}``).
     """
@@ -73,18 +76,24 @@ def add_config_arguments(
 
     from ..config import RunConfig
 
-    meta = {f.name: f for f in fields(RunConfig)}
+    meta = {f.name: f for f in fields(config or RunConfig)}
     g = parser.add_argument_group(title) if title else parser
     for name in names:
         f = meta[name]
         help = f.metadata["help"]
         if show_defaults and "default" not in help and f.default not in (None, MISSING, ""):
             help += f" (default: {f.default})"
-        typ = {"int": int, "float": float}.get(_base_type(f.type), str)
-        if typ is int and name not in ("seed",):
+        base = {"int": int, "float": float}.get(_base_type(f.type), str)
+        metavar = "FILE" if name.endswith("checkpoint") else {int: "N", float: "X"}.get(base, "NAME")
+        typ: Any = base
+        if base is int:
             typ = _positive_or_zero if name in ("steps", "val_episodes") else _positive
-        metavar = "FILE" if name.endswith("checkpoint") else "X" if typ is float else "NAME" if typ is str else "N"
+        elif base is float:
+            typ = _non_negative_float
         flag = (flags or {}).get(name, "--" + name.replace("_", "-"))
+        if "choices" in f.metadata:
+            g.add_argument(flag, dest=name, choices=f.metadata["choices"], default=None, help=help)
+            continue
         g.add_argument(flag, dest=name, type=typ, default=None, metavar=metavar, help=help)
 
 
@@ -97,6 +106,16 @@ def _positive(text: str) -> int:
     v = int(text)
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return v
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not v >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return v
 
 

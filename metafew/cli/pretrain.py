@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from .common import add_command, parse_options
+from ..config import PretrainConfig
+from .common import add_command, add_config_arguments, config_overrides, parse_options
 
 EPILOG = """\
 examples:
   metafew pretrain --dataset omniglot --subset train --backbone conv4 --epochs 30 --out backbones/conv4-omniglot
+  metafew pretrain --dataset omniglot --subset train --val-subset val --keep best --augment flipcrop \\
+                   --augment-option padding=2 --augment-option flip=false --out backbones/conv4-omniglot
   metafew pretrain --dataset caltech101 --subset train --backbone resnet12 --epochs 90 --val-subset val \\
                    --out backbones/resnet12-caltech --amp bf16
 
 The backbone is saved with its record (architecture, image format, normalisation,
-training classes) and reused by `metafew train --backbone-checkpoint FILE` or
-`metafew eval --checkpoint FILE --learner protonet`."""
+training classes, the recipe) and reused by `metafew train --backbone-checkpoint FILE`,
+`metafew eval --checkpoint FILE --learner protonet` or `metafew adapt --backbone FILE`."""
+
+# PretrainConfig fields taken as flags (all but the structured ones).
+FLAGS = [f.name for f in fields(PretrainConfig) if f.metadata.get("cli", True)]
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -28,33 +35,26 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "base classes (SGD, Nesterov momentum, cosine decay), then save the backbone without the head.",
         epilog=EPILOG,
     )
-    p.add_argument("--dataset", default="omniglot", help="dataset name")
-    p.add_argument("--subset", default="train", help="subset of base classes to train on")
-    p.add_argument("--val-subset", default=None, help="validation subset checked every epoch (few-shot accuracy)")
-    p.add_argument("--backbone", default="conv4", help="backbone architecture")
+    add_config_arguments(p, FLAGS, config=PretrainConfig)
     p.add_argument("--backbone-option", action="append", metavar="KEY=VALUE", help="backbone option, repeatable")
-    p.add_argument("--epochs", type=int, default=30, help="passes over the training images")
-    p.add_argument("--batch-size", type=int, default=128, help="images per step")
-    p.add_argument("--lr", type=float, default=0.05, help="initial SGD learning rate")
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
-    p.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
+    p.add_argument("--augment", choices=["flipcrop"], default=None, help="on-device augmentation (default: none)")
+    p.add_argument("--augment-option", action="append", metavar="KEY=VALUE", help="augmentation option, e.g. padding=2")
     p.add_argument("--out", required=True, metavar="FILE", help="where to save the backbone (.safetensors)")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import load_dataset
-    from ..engine.pretrain import pretrain
+    from ..config import run_pretrain
 
-    dataset = load_dataset(args.dataset, args.subset, root=args.data_root)
-    val = load_dataset(args.dataset, args.val_subset, root=args.data_root) if args.val_subset else None
+    d = config_overrides(args, FLAGS)
+    d.update(seed=args.seed, amp=args.amp)
+    if args.backbone_option:
+        d["backbone_options"] = parse_options(args.backbone_option, "--backbone-option")
+    if args.augment:
+        d["augment"] = {"name": args.augment, **parse_options(args.augment_option, "--augment-option")}
+    recipe = PretrainConfig.from_dict(d, where="options")
     out = Path(args.out).expanduser()
-    print(f"pretraining {args.backbone} on {dataset.name}: {len(dataset)} images, {dataset.num_classes} classes")
-    pretrain(
-        args.backbone, dataset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, device=args.device, amp=args.amp,
-        val=val, seed=args.seed, out=out, progress=args.progress, log=out.with_suffix(".log.jsonl"),
-        backbone_options=parse_options(args.backbone_option, "--backbone-option") or None,
-    )
-    print(f"saved {out if out.suffix else out.with_name(out.name + '.safetensors')}")
+    print(f"pretraining {recipe.backbone} on {recipe.dataset}/{recipe.subset} for {recipe.epochs} epochs")
+    path = run_pretrain(recipe, out, data_root=args.data_root, device=args.device, progress=args.progress)
+    print(f"saved {path}")
     return 0
