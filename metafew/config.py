@@ -236,6 +236,7 @@ class PretrainConfig:
     dataset: str = field(default="omniglot", metadata=_opt("dataset name"))
     subset: str = field(default="train", metadata=_opt("subset of base classes to train on"))
     val_subset: str | None = field(default=None, metadata=_opt("validation subset checked every epoch (few-shot accuracy)"))
+    dataset_options: dict[str, Any] = field(default_factory=dict, metadata=_opt("dataset keyword options, e.g. image_size", cli=False))
     backbone: str = field(default="conv4", metadata=_opt("backbone architecture"))
     backbone_options: dict[str, Any] = field(default_factory=dict, metadata=_opt("backbone keyword options", cli=False))
     epochs: int = field(default=30, metadata=_opt("passes over the training images"))
@@ -288,6 +289,8 @@ class PretrainConfig:
         from . import __version__
 
         d = {**self.to_dict(), "metafew": __version__, "torch": torch.__version__.split("+")[0]}
+        if not d["dataset_options"]:
+            d.pop("dataset_options")
         return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
@@ -305,8 +308,8 @@ def run_pretrain(
     from .data import FlipCrop, load_dataset
     from .engine.pretrain import pretrain
 
-    dataset = load_dataset(recipe.dataset, recipe.subset, root=data_root)
-    val = load_dataset(recipe.dataset, recipe.val_subset, root=data_root) if recipe.val_subset else None
+    dataset = load_dataset(recipe.dataset, recipe.subset, root=data_root, **recipe.dataset_options)
+    val = load_dataset(recipe.dataset, recipe.val_subset, root=data_root, **recipe.dataset_options) if recipe.val_subset else None
     augment = None
     if recipe.augment:
         opts = {k: v for k, v in recipe.augment.items() if k != "name"}

@@ -19,10 +19,14 @@ import torch
 from PIL import Image
 
 from metafew.data import (
+    DATASETS,
     Caltech101,
+    DatasetSpec,
     EpisodeSampler,
+    FewShotDataset,
     ImageFolder,
     MedMNIST,
+    Normalize,
     Omniglot,
     available_datasets,
     dataset_info,
@@ -30,13 +34,16 @@ from metafew.data import (
     download_dataset,
     lake_runs,
     load_dataset,
+    register_dataset,
 )
 from metafew.data import caltech101 as caltech_mod
 from metafew.data import medmnist as medmnist_mod
 from metafew.data import omniglot as omniglot_mod
+from metafew.data.decode import IMAGE_EXTENSIONS, decode_drawing, is_image_file, load_image, probe_image
 from metafew.data.download import check_md5_cached, dataset_not_found, md5sum
-from metafew.data.image_folder import channel_stats
-from metafew.errors import DatasetError, DatasetNotFoundError, EpisodeError
+from metafew.data.normalize import channel_stats
+from metafew.errors import ConfigError, DatasetError, DatasetNotFoundError, EpisodeError
+from metafew.progress import progress
 
 VINYALS = {"train": 4112, "val": 688, "test": 1692, "trainval": 4800}
 
@@ -75,7 +82,7 @@ def test_omniglot_packaged_splits_match_the_shared_ones(data_root: Path) -> None
     if not shared.is_dir():
         pytest.skip("no shared copy of the split lists to compare with")
     for s in VINYALS:
-        assert omniglot_mod._split_lines(s) == (shared / f"{s}.txt").read_text().split()
+        assert omniglot_mod.split_lines(s) == (shared / f"{s}.txt").read_text().split()
 
 
 def test_omniglot_lake_subsets(data_root: Path) -> None:
@@ -546,27 +553,121 @@ def test_not_found_message(tmp_path: Path) -> None:
 # -- registry ---------------------------------------------------------------------------
 
 
-def test_registry_names_and_loading(data_root: Path, tmp_path: Path) -> None:
+def test_registry_lists_what_the_modules_register() -> None:
     names = available_datasets()
-    for n in ("omniglot", "omniglot-lake", "pneumoniamnist", "breastmnist", "pathmnist", "caltech101", "folder:PATH"):
-        assert n in names
-    assert "chestmnist" not in names
+    assert list(names) == sorted(names)
+    expected_medmnist = set(medmnist_mod.MEDMNIST_INFO) - set(medmnist_mod.UNSUPPORTED)
+    assert expected_medmnist <= set(names) and "chestmnist" not in names
+    assert {"omniglot", "omniglot-lake", "caltech101", "folder:PATH"} <= set(names)
+    for usage, spec in names.items():
+        assert isinstance(spec, DatasetSpec) and spec.usage == usage and spec.name in DATASETS
+        assert spec.default_subset in spec.subsets and callable(spec.load)
+        assert spec.image_shape is None or len(spec.image_shape) == 3
+    assert names["omniglot"].subsets == tuple(VINYALS)
+    assert names["pneumoniamnist"].image_shape == (1, 28, 28) and names["pathmnist"].image_shape == (3, 28, 28)
+    assert names["caltech101"].options == ("image_size", "include_background", "seed")
+
+
+def test_registry_names_and_loading(data_root: Path, tmp_path: Path) -> None:
     assert load_dataset("omniglot", "val", root=data_root).num_classes == 688
     assert load_dataset("omniglot-lake", "evaluation", root=data_root).num_classes == 659
+    assert load_dataset("OMNIGLOT", "val", root=data_root).num_classes == 688  # names are case-insensitive
     assert len(load_dataset("breastmnist", "test", root=data_root)) == 156
     assert load_dataset("caltech101", "test", root=data_root).num_classes == 21
+    assert load_dataset("omniglot-lake", root=data_root).name == "omniglot/lake-background"  # default subset
     for c in ("p", "q"):
         _save(tmp_path / "imgs" / "train" / c / "0.png", _gray(8, 8))
-    assert load_dataset(f"folder:{tmp_path / 'imgs'}", "train").classes == ["p", "q"]
+    train = load_dataset(f"folder:{tmp_path / 'imgs'}", "train")
+    assert train.classes == ["p", "q"] and train.name == f"folder:{tmp_path / 'imgs'}/train"
     assert load_dataset(f"folder:{tmp_path / 'imgs' / 'train'}").classes == ["p", "q"]
+    assert load_dataset(f"folder:{tmp_path / 'imgs' / 'train'}", "all", image_size=4).images.shape == (2, 1, 4, 4)
     with pytest.raises(DatasetError, match="unknown dataset"):
         load_dataset("imagenet", "train")
     with pytest.raises(DatasetError, match="subset"):
         load_dataset("omniglot", "background", root=data_root)
     with pytest.raises(DatasetError, match="option"):
         load_dataset("breastmnist", "train", root=data_root, image_size=64)
+    with pytest.raises(DatasetError, match="option"):
+        load_dataset(f"folder:{tmp_path / 'imgs'}", "train", seed=1)
     with pytest.raises(DatasetNotFoundError):
         load_dataset(f"folder:{tmp_path / 'imgs'}", "test")
+    with pytest.raises(DatasetError, match="needs a path"):
+        load_dataset("folder:")
+    with pytest.raises(DatasetError, match="folder:PATH"):
+        load_dataset("folder")  # the parametric spec needs its argument
+    with pytest.raises(DatasetError, match="multi-label"):
+        load_dataset("chestmnist", "train", root=data_root)  # known, unsupported: its reason, not "unknown"
+
+
+def test_unknown_name_suggests_the_close_one() -> None:
+    with pytest.raises(DatasetError, match="did you mean 'omniglot'") as e:
+        load_dataset("omniglott", "train")
+    assert "\n" not in str(e.value) and "available: " in str(e.value)
+    with pytest.raises(DatasetError, match="did you mean 'pneumoniamnist'"):
+        dataset_info("pneumoniamnst")
+    with pytest.raises(DatasetError, match="did you mean 'folder:PATH'"):
+        load_dataset("foldr:/somewhere")
+    with pytest.raises(DatasetError, match="unknown dataset 'omniglot:train'"):
+        load_dataset("omniglot:train")  # only a parametric spec takes name:ARG
+
+
+def test_registering_a_duplicate_name_fails() -> None:
+    spec = available_datasets()["omniglot"]
+    assert register_dataset(spec) is spec  # the very same spec again is harmless
+    clash = DatasetSpec("Omniglot", "another omniglot", ("train",), "train", "", None, load=spec.load)
+    with pytest.raises(ConfigError, match="registered twice"):
+        register_dataset(clash)
+    assert available_datasets()["omniglot"] is spec
+    with pytest.raises(ConfigError, match="DatasetSpec"):
+        register_dataset("omniglot")  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def scratch_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Registrations made in a test are dropped afterwards (the registry has no public removal)."""
+    monkeypatch.setattr(DATASETS, "_entries", dict(DATASETS._entries))
+
+
+def test_third_party_dataset_is_loadable_by_name(scratch_registry: None, tmp_path: Path) -> None:
+    calls = []
+
+    def load(subset: str, root, download: bool, *, width: int = 3) -> FewShotDataset:
+        calls.append((subset, root, download, width))
+        images = torch.full((4, 1, 2, width), 7, dtype=torch.uint8)
+        return FewShotDataset(f"squares/{subset}", [0, 0, 1, 1], ["a", "b"], images, channels=1, image_size=(2, width))
+
+    def info(root) -> dict:
+        return {"path": str(tmp_path), "looked_in": [str(tmp_path)], "subsets": {"train": {"classes": 2, "images": 4}}}
+
+    register_dataset(
+        DatasetSpec("squares", "tiny squares", ("train", "test"), "train", "https://example.org/squares", (1, 2, 3),
+                    load=load, info=info, options=("width",))
+    )
+    assert "squares" in available_datasets() and available_datasets()["squares"].description == "tiny squares"
+    ds = load_dataset("squares", "test", root=tmp_path, width=5)
+    assert ds.name == "squares/test" and ds.images.shape == (4, 1, 2, 5)
+    assert calls == [("test", tmp_path, False, 5)]
+    assert load_dataset("squares").name == "squares/train"
+    with pytest.raises(DatasetError, match="option"):
+        load_dataset("squares", height=2)
+    with pytest.raises(DatasetError, match="subset"):
+        load_dataset("squares", "val")
+    facts = dataset_info("squares", root=tmp_path)
+    assert facts["found"] and facts["subsets"]["train"] == {"classes": 2, "images": 4}
+    assert facts["url"] == "https://example.org/squares" and facts["image_shape"] == (1, 2, 3)
+    with pytest.raises(DatasetError, match="cannot be downloaded"):
+        download_dataset("squares")
+
+
+def test_third_party_dataset_is_gone_afterwards() -> None:
+    assert "squares" not in available_datasets()
+
+
+def test_dataset_info_never_raises_for_a_missing_dataset(tmp_path: Path) -> None:
+    for usage in available_datasets():
+        name = usage.replace("PATH", str(tmp_path / "nope"))
+        info = dataset_info(name, root=tmp_path)
+        assert info["found"] is False and info["message"] and info["path"] is None, name
 
 
 def test_download_dataset_keeps_what_is_there(data_root: Path) -> None:
@@ -590,3 +691,78 @@ def test_dataset_info(data_root: Path, tmp_path: Path) -> None:
     assert time.perf_counter() - start < 2.0  # nothing is decoded
     missing = dataset_info("caltech101", root=tmp_path)
     assert not missing["found"] and str(tmp_path / "caltech101" / "101_ObjectCategories") in missing["message"]
+
+
+def test_folder_info_counts_by_name(tmp_path: Path) -> None:
+    for c, n in (("cat", 2), ("dog", 3)):
+        for i in range(n):
+            _save(tmp_path / c / f"{i}.png", _gray(8, 8))
+    (tmp_path / "dog" / "notes.txt").write_text("not an image")
+    info = dataset_info(f"folder:{tmp_path}")
+    assert info["found"] and info["path"] == str(tmp_path.absolute()) and info["name"] == f"folder:{tmp_path}"
+    assert info["subsets"] == {"all": {"classes": 2, "images": 5}} and "data_root" not in info
+    with pytest.raises(DatasetError, match="nothing to download"):
+        download_dataset(f"folder:{tmp_path}")
+
+
+# -- decoding, normalisation, progress --------------------------------------------------------
+
+
+def test_decode_primitives(data_root: Path, tmp_path: Path) -> None:
+    assert is_image_file("a/B.JPEG") and is_image_file(Path("x.webp")) and not is_image_file("notes.txt")
+    assert ".png" in IMAGE_EXTENSIONS
+    png = sorted(glob.glob(str(data_root / "omniglot" / "images_*" / "Angelic" / "character01" / "*.png")))[0]
+    by_path = decode_drawing(png, 28)
+    assert by_path.shape == (28, 28) and by_path.dtype == np.uint8
+    assert np.array_equal(by_path, decode_drawing(Path(png).read_bytes(), 28))  # bytes, as Lake's zip gives them
+    assert np.array_equal(by_path, decode_drawing(io.BytesIO(Path(png).read_bytes()), 28))
+    rgb = _save(tmp_path / "x.png", _rgb(30, 60))
+    assert load_image(rgb, None, 3).shape == (3, 30, 60)
+    assert load_image(rgb, (10, 10), 1).shape == (1, 10, 10)
+    assert probe_image(rgb) == (3, 60, 30)
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    assert probe_image(tmp_path / "bad.png") is None
+
+
+def test_image_folder_reads_palette_pngs(tmp_path: Path) -> None:
+    """Palette PNGs are probed (channels from the palette) and verified without tripping PIL's verify()."""
+    for c, image in (("gray", _gray), ("color", _rgb)):
+        for i in range(2):
+            (tmp_path / "mixed" / c).mkdir(parents=True, exist_ok=True)
+            pal = Image.fromarray(image(12, 12, seed=i)).convert("P", palette=Image.Palette.ADAPTIVE)
+            pal.save(tmp_path / "mixed" / c / f"{i}.png")
+            if c == "gray":
+                (tmp_path / "grays" / c).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(image(12, 12, seed=i)).convert("P").save(tmp_path / "grays" / c / f"{i}.png")
+    ds = ImageFolder(tmp_path / "mixed")
+    assert ds.channels == 3 and ds.images.shape == (4, 3, 12, 12)
+    assert ImageFolder(tmp_path / "grays").channels == 1  # a palette of grays is grayscale
+
+
+def test_normalize_is_the_reference_formula() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (5, 3, 7, 9), dtype=torch.uint8, generator=g)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    norm = Normalize(mean, std)
+    ref = (x.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    assert torch.equal(norm(x), ref)
+    assert torch.equal(norm(x[0]), ref[0])  # [C, H, W] as well as [M, C, H, W]
+    unit = x.float() / 255
+    before = unit.clone()
+    assert torch.equal(norm(unit), ref) and torch.equal(unit, before)  # float input is [0, 1] and left alone
+    out = torch.empty(5, 3, 7, 9)
+    assert norm.into_(out, x) is out and torch.allclose(out, ref, atol=1e-6)
+    assert torch.equal(Normalize.identity(3)(x), x.float() / 255)
+    with pytest.raises(DatasetError, match="one mean and one std"):
+        Normalize((0.5, 0.5), (0.5,))
+    ds = FewShotDataset("n", [0] * 5, ["a"], x, channels=3, image_size=(7, 9), mean=mean, std=std)
+    assert torch.equal(ds[2][0], ref[2])
+
+
+def test_progress_wraps_tqdm() -> None:
+    assert list(progress(range(3), desc="quiet", enable=False)) == [0, 1, 2]
+    from tqdm.auto import tqdm
+
+    with progress(total=10, desc="manual", enable=False, unit="img") as bar:
+        bar.update(4)  # a disabled bar still takes updates
+        assert isinstance(bar, tqdm) and bar.disable

@@ -11,7 +11,9 @@ turns uint8 images of any size and 1 or 3 channels into what the backbone expect
 * values: ``[0, 255] -> [0, 1]``, then ``(x - mean) / std`` with the backbone's statistics.
 
 The same object is saved with an adapted model, so predictions are preprocessed
-exactly as the images the model was adapted on.
+exactly as the images the model was adapted on. Files are decoded by
+:mod:`metafew.data.decode` and normalised by :class:`metafew.data.normalize.Normalize`,
+the same code the datasets use.
 """
 
 from __future__ import annotations
@@ -28,7 +30,20 @@ import torch
 import torch.nn.functional as F
 
 from ..data.base import FewShotDataset
+from ..data.decode import DECODE_ERRORS, convert_image, load_image
+from ..data.decode import is_image_file as _is_image_name
+from ..data.normalize import Normalize
 from ..errors import DatasetError
+
+__all__ = [
+    "Preprocessing",
+    "convert_channels",
+    "decode_image",
+    "is_image_file",
+    "list_images",
+    "read_inputs",
+    "stack_for",
+]
 
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -50,11 +65,18 @@ class Preprocessing:
                 f"{len(self.mean)} mean / {len(self.std)} std values for a {self.channels}-channel backbone"
             )
 
+    @property
+    def normalize(self) -> Normalize:
+        """The backbone's normalisation, as the datasets apply it."""
+        return Normalize(self.mean, self.std)
+
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (saved with an adapted model); :meth:`from_dict` reads it back."""
         return {"channels": self.channels, "image_size": list(self.image_size), "mean": list(self.mean), "std": list(self.std)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
+        """The inverse of :meth:`to_dict`."""
         return cls(
             int(d["channels"]),
             (int(d["image_size"][0]), int(d["image_size"][1])),
@@ -74,9 +96,7 @@ class Preprocessing:
         if tuple(x.shape[-2:]) != self.image_size and x.shape[0]:
             x = F.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False, antialias=True)
             x = x.clamp_(0, 1)
-        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
-        return (x - mean) / std
+        return self.normalize(x)  # x is float in [0, 1] here
 
 
 def convert_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
@@ -100,9 +120,8 @@ def convert_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
 
 
 def is_image_file(path: Path) -> bool:
-    from ..data.image_folder import IMAGE_EXTENSIONS
-
-    return path.suffix.lower() in IMAGE_EXTENSIONS
+    """Whether ``path`` has an image extension (:data:`metafew.data.decode.IMAGE_EXTENSIONS`)."""
+    return _is_image_name(path)
 
 
 def list_images(folder: Path) -> tuple[list[Path], list[Path]]:
@@ -124,23 +143,17 @@ def decode_image(source: Any, prep: Preprocessing) -> torch.Tensor:
     """
     from PIL import Image, UnidentifiedImageError
 
-    from ..data.image_folder import _cover_crop, _to_mode, load_image
-
     name = str(source) if isinstance(source, (str, os.PathLike)) else "image"
     try:
         if isinstance(source, Image.Image):
-            img = _to_mode(source, prep.channels)
-            if (img.height, img.width) != prep.image_size:
-                img = _cover_crop(img, prep.image_size, Image.Resampling.BICUBIC)
-            a = np.asarray(img, dtype=np.uint8)
-            arr = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+            arr = convert_image(source, prep.image_size, prep.channels)
         else:
             arr = load_image(source, prep.image_size, prep.channels)
     except FileNotFoundError as e:
         raise DatasetError(f"{name}: no such file") from e
     except UnidentifiedImageError as e:
         raise DatasetError(f"{name}: not an image file (or an unsupported format)") from e
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except DECODE_ERRORS as e:
         raise DatasetError(f"{name}: cannot decode this image ({type(e).__name__}: {e})") from e
     return torch.from_numpy(np.array(arr, dtype=np.uint8, copy=True))
 

@@ -36,6 +36,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         epilog=EPILOG,
     )
     add_config_arguments(p, FLAGS, config=PretrainConfig)
+    p.add_argument("--dataset-option", action="append", metavar="KEY=VALUE", help="dataset option, e.g. image_size=28")
     p.add_argument("--backbone-option", action="append", metavar="KEY=VALUE", help="backbone option, repeatable")
     p.add_argument("--augment", choices=["flipcrop"], default=None, help="on-device augmentation (default: none)")
     p.add_argument("--augment-option", action="append", metavar="KEY=VALUE", help="augmentation option, e.g. padding=2")
@@ -48,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
 
     d = config_overrides(args, FLAGS)
     d.update(seed=args.seed, amp=args.amp)
+    if args.dataset_option:
+        d["dataset_options"] = parse_options(args.dataset_option, "--dataset-option")
     if args.backbone_option:
         d["backbone_options"] = parse_options(args.backbone_option, "--backbone-option")
     if args.augment:

@@ -20,6 +20,7 @@ import torch
 
 from ..errors import DatasetError
 from ..paths import cache_dir
+from .normalize import Normalize
 
 ImageLoader = Callable[[], np.ndarray]
 
@@ -59,6 +60,7 @@ class FewShotDataset(torch.utils.data.Dataset):
         self.std = tuple(float(s) for s in (std if std is not None else [0.5] * self.channels))
         self._images: torch.Tensor | None = None
         self._loader: ImageLoader | None = None
+        self._normalizer: Normalize | None = None
         if callable(images):
             self._loader = images
         else:
@@ -89,6 +91,13 @@ class FewShotDataset(torch.utils.data.Dataset):
     @property
     def is_loaded(self) -> bool:
         return self._images is not None
+
+    @property
+    def normalizer(self) -> Normalize:
+        """The :class:`Normalize` of this dataset's ``mean``/``std``: uint8 images to network inputs."""
+        if self._normalizer is None or (self._normalizer.mean, self._normalizer.std) != (self.mean, self.std):
+            self._normalizer = Normalize(self.mean, self.std)
+        return self._normalizer
 
     # -- class structure --------------------------------------------------------
     @property
@@ -128,10 +137,7 @@ class FewShotDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         """One image as normalised float ``[C, H, W]`` and its label."""
-        x = self.images[i].float().div_(255)
-        mean = torch.tensor(self.mean).view(-1, 1, 1)
-        std = torch.tensor(self.std).view(-1, 1, 1)
-        return (x - mean) / std, int(self.labels[i])
+        return self.normalizer(self.images[i]), int(self.labels[i])
 
     def __repr__(self) -> str:
         h, w = self.image_size

@@ -21,14 +21,16 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ..errors import DatasetError
 from ..paths import data_root
 from .base import FewShotDataset, cache_key, cached_array
+from .decode import decode_files
 from .download import check_md5, dataset_not_found, download_and_extract, extract_archive
-from .image_folder import decode_files
+from .registry import DatasetSpec, register_dataset
 
 __all__ = [
     "Caltech101",
@@ -37,6 +39,8 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "SPLIT_SIZES",
+    "SUBSETS",
+    "caltech101_info",
     "caltech101_split",
     "find_caltech101",
     "locate_caltech101",
@@ -188,3 +192,39 @@ def Caltech101(  # noqa: N802 - reads like a class, returns the shared dataset t
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
     )
+
+
+def caltech101_info(root: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Cheap facts about the Caltech-101 folder: where it is and the classes/images per subset, from the listing.
+
+    Raises DatasetNotFoundError (naming where it looked) when the folder is missing.
+    """
+    looked = [str(c) for c in _candidates(root)]
+    folder = find_caltech101(root)
+    if folder is None:
+        raise dataset_not_found("Caltech-101", looked, "caltech101", CALTECH101_URL)
+    names, files = _listing(folder)
+    count = dict(zip(names, (len(f) for f in files)))
+    split = caltech101_split(names)
+    subsets = {s: {"classes": len(cs), "images": sum(count[c] for c in cs)} for s, cs in split.items()}
+    return {"path": str(folder), "looked_in": looked, "subsets": subsets, "background_images": count.get(BACKGROUND, 0)}
+
+
+def _download_spec(root: str | os.PathLike[str] | None = None) -> list[Path]:
+    return [locate_caltech101(root, download=True)]
+
+
+register_dataset(
+    DatasetSpec(
+        "caltech101",
+        "Caltech-101, 101 object classes; seeded 65/15/21 class split (BACKGROUND_Google left out)",
+        SUBSETS,
+        "train",
+        CALTECH101_URL,
+        (3, 84, 84),
+        load=Caltech101,  # Caltech101(subset, root, download, image_size=, include_background=, seed=)
+        info=caltech101_info,
+        download=_download_spec,
+        options=("image_size", "include_background", "seed"),
+    )
+)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..errors import DatasetError, DatasetNotFoundError
 from ..paths import cache_dir
+from ..progress import progress
 
 __all__ = [
     "download_file",
@@ -104,14 +105,12 @@ def download_file(url: str, dest: str | os.PathLike[str], md5: str | None = None
         request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as response:
             total = response.headers.get("Content-Length")
-            bar = _progress(int(total) if total and total.isdigit() else None, f"downloading {dest.name}")
-            try:
+            size = int(total) if total and total.isdigit() else None
+            with progress(total=size, desc=f"downloading {dest.name}", unit="B", unit_scale=True, unit_divisor=1024) as bar:
                 for block in iter(lambda: response.read(_CHUNK), b""):
                     out.write(block)
                     h.update(block)
                     bar.update(len(block))
-            finally:
-                bar.close()
         if md5 is not None and h.hexdigest() != md5.lower():
             raise _mismatch(dest.name, md5, h.hexdigest(), url)
         os.replace(tmp, dest)
@@ -213,18 +212,3 @@ def dataset_not_found(
         f"(or --data-root) at a folder that already has it. Official source: {' and '.join(urls)}"
     )
 
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int | None, desc: str):  # noqa: ANN202 - tqdm or a stand-in
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        return _NoBar()
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=None, leave=False)

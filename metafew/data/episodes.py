@@ -19,6 +19,7 @@ from ..device import resolve_device
 from ..errors import EpisodeError
 from ..seeding import generator
 from .base import FewShotDataset
+from .normalize import Normalize
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -119,7 +120,8 @@ class EpisodeSampler:
         seed: seeds the training stream (:meth:`sample`, :meth:`sample_batch`) and,
             separately, the fixed evaluation set (:meth:`fixed`).
         device: where images live and episodes are built (``"auto"``: CUDA if present).
-        normalize: subtract the dataset's mean and divide by its std, per channel.
+        normalize: subtract the dataset's mean and divide by its std, per channel
+            (:class:`metafew.data.Normalize`); False: only scale to ``[0, 1]``.
         augment: optional on-device augmentation ``f(x, generator) -> x`` applied to
             training episodes (never to :meth:`fixed` ones), e.g. :class:`metafew.data.FlipCrop`.
         too_few: a class with fewer than ``k_shot + n_query`` images raises
@@ -184,10 +186,8 @@ class EpisodeSampler:
 
         self.generator = generator(seed, "train")
         self._images: torch.Tensor | None = None
-        mean = torch.tensor(dataset.mean if normalize else (0.0,) * dataset.channels).view(1, -1, 1, 1)
-        std = torch.tensor(dataset.std if normalize else (1.0,) * dataset.channels).view(1, -1, 1, 1)
-        self._scale = (1.0 / (255.0 * std)).to(self.device)
-        self._shift = (-mean / std).to(self.device)
+        self._normalizer = Normalize(dataset.mean, dataset.std) if normalize else Normalize.identity(dataset.channels)
+        self._normalizer.scale_shift(self.device)  # made once, up front
         self._support_y = torch.arange(n_way, device=self.device).repeat_interleave(k_shot)
         self._query_y = torch.arange(n_way, device=self.device).repeat_interleave(n_query)
         self._fixed: dict[tuple[int, int], EpisodeSet] = {}
@@ -295,9 +295,7 @@ class EpisodeSampler:
         per_image = images[0].numel() * 4
         step = max(1, _CHUNK_BYTES // per_image) if images.device.type == "cpu" else len(order)
         for lo in range(0, len(order), step):
-            part = out[lo : lo + step]
-            part.copy_(images.index_select(0, order[lo : lo + step]))  # gather uint8, then widen
-            part.mul_(self._scale).add_(self._shift)  # addcmul on uint8 takes a slow promotion path
+            self._normalizer.into_(out[lo : lo + step], images.index_select(0, order[lo : lo + step]))
         return out
 
 

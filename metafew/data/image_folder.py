@@ -1,8 +1,8 @@
 """A user's own images: a ``root/<class>/<image>`` tree as a :class:`FewShotDataset`.
 
-Also home of the image-decoding helpers the other file-based datasets (Caltech-101,
-Omniglot) share: :func:`load_image` (open, convert, resize, center-crop) and
-:func:`parallel_chunks` (a process pool over all cores for the one-time cold decode).
+Registered as the ``folder:PATH`` dataset (``load_dataset("folder:/data/xrays", "train")``:
+subset ``all`` is PATH itself, any other subset ``s`` the folder ``PATH/s``). The
+decoding itself lives in :mod:`metafew.data.decode`, shared with the other datasets.
 
 Decoding policy of :func:`ImageFolder`:
 
@@ -20,213 +20,50 @@ Decoding policy of :func:`ImageFolder`:
 
 from __future__ import annotations
 
-import functools
-import multiprocessing as mp
 import os
 import re
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from ..errors import DatasetError, DatasetNotFoundError
 from .base import FewShotDataset, cache_key, cached_array
+from .decode import (  # noqa: F401 - decode_workers, image_channels, load_image, parallel_chunks: re-exported
+    IMAGE_EXTENSIONS,
+    decode_files,
+    decode_workers,
+    image_channels,
+    is_image_file,
+    load_image,
+    parallel_chunks,
+    probe_files,
+)
+from .normalize import channel_stats
+from .registry import DatasetSpec, register_dataset
 
-__all__ = ["ImageFolder", "IMAGE_EXTENSIONS", "load_image", "parallel_chunks", "decode_workers"]
+__all__ = [
+    "ImageFolder",
+    "IMAGE_EXTENSIONS",
+    "FOLDER_PREFIX",
+    "folder_info",
+    "load_folder",
+    # re-exported from .decode / .normalize, where they now live
+    "load_image",
+    "parallel_chunks",
+    "decode_workers",
+    "decode_files",
+    "image_channels",
+    "channel_stats",
+]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+FOLDER_PREFIX = "folder:"
 DEFAULT_SIZE = 84
 _IGNORED_FILES = {"thumbs.db", "desktop.ini"}
-_GRAY_MODES = {"1", "L", "LA", "La", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
 _VERSION = "image-folder-v1"
-
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-# -- decoding helpers (shared with caltech101.py / omniglot.py) -------------------------
-
-
-def decode_workers() -> int:
-    """How many processes a cold decode uses: ``$METAFEW_DECODE_WORKERS``, else every usable core."""
-    env = os.environ.get("METAFEW_DECODE_WORKERS")
-    if env and env.isdigit() and int(env) > 0:
-        return int(env)
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS, Windows
-        return max(1, os.cpu_count() or 1)
-
-
-def parallel_chunks(
-    fn: Callable[[Sequence[T]], R],
-    items: Sequence[T],
-    *,
-    chunk_size: int = 512,
-    desc: str = "decoding",
-    workers: int | None = None,
-) -> list[R]:
-    """``[fn(chunk) for chunk in chunks(items)]``, computed in a process pool, in order.
-
-    Used for the one-time decode of a dataset: PIL releases little of the GIL, so
-    processes (forked where the platform allows: no re-import of torch per worker)
-    are what scales over cores. Small jobs run in-process. ``fn`` must be a
-    module-level function.
-    """
-    chunks = [items[i : i + chunk_size] for i in range(0, len(items), chunk_size)]
-    workers = min(decode_workers() if workers is None else workers, len(chunks))
-    if mp.current_process().daemon:  # e.g. inside a DataLoader worker: no children allowed
-        workers = 1
-    bar = _progress(len(items), desc)
-    try:
-        if workers <= 1:
-            out = []
-            for c in chunks:
-                out.append(fn(c))
-                bar.update(len(c))
-            return out
-        methods = mp.get_all_start_methods()
-        ctx = mp.get_context("fork" if "fork" in methods else None)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork of a threaded process
-            with ctx.Pool(workers) as pool:
-                out = []
-                for c, r in zip(chunks, pool.imap(fn, chunks)):
-                    out.append(r)
-                    bar.update(len(c))
-                return out
-    finally:
-        bar.close()
-
-
-def _progress(total: int, desc: str):  # noqa: ANN202 - tqdm or a stand-in
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-
-        class _NoBar:
-            def update(self, n: int) -> None: ...
-            def close(self) -> None: ...
-
-        return _NoBar()
-    return tqdm(total=total, desc=desc, unit="img", disable=None, leave=False)
-
-
-def image_channels(img: Image.Image) -> int:
-    """1 for a grayscale image (gray modes, or a palette of grays), else 3; read from the header."""
-    if img.mode in _GRAY_MODES:
-        return 1
-    if img.mode in ("P", "PA"):
-        pal = img.getpalette() or []
-        rgb = np.asarray(pal[: len(pal) // 3 * 3], dtype=np.int32).reshape(-1, 3)
-        return 1 if len(rgb) and bool((rgb == rgb[:, :1]).all()) else 3
-    return 3
-
-
-def _to_mode(img: Image.Image, channels: int) -> Image.Image:
-    """Convert any PIL mode to ``L`` (channels=1) or ``RGB`` (3); alpha is composited onto white."""
-    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
-        a = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") else (255.0 if a.max() <= 255 else float(a.max()))
-        img = Image.fromarray(np.clip(a * (255.0 / top), 0, 255).round().astype(np.uint8), "L")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "La", "RGBa", "PA"):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(white, rgba)
-    want = "L" if channels == 1 else "RGB"
-    return img if img.mode == want else img.convert(want)
-
-
-def load_image(
-    path: str | os.PathLike[str],
-    size: tuple[int, int] | None,
-    channels: int,
-    resample: int = Image.Resampling.BICUBIC,
-) -> np.ndarray:
-    """Decode one image file to uint8 ``[C, H, W]``.
-
-    ``size=(H, W)``: scale so the image covers ``H x W`` (antialiased), then center-crop;
-    ``None``: keep the image's size. JPEGs are decoded at a reduced scale when that
-    still covers the target (``draft``), which makes large photos much faster.
-    """
-    with Image.open(path) as img:
-        if size is not None and img.format == "JPEG":
-            img.draft("L" if channels == 1 else "RGB", (size[1], size[0]))
-        img.seek(0)  # first frame of a GIF / page of a TIFF
-        img = _to_mode(img, channels)
-        if size is not None and (img.height, img.width) != size:
-            img = _cover_crop(img, size, resample)
-        a = np.asarray(img, dtype=np.uint8)
-    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
-
-
-def _cover_crop(img: Image.Image, size: tuple[int, int], resample: int) -> Image.Image:
-    th, tw = size
-    scale = max(tw / img.width, th / img.height)
-    nw, nh = max(tw, round(img.width * scale)), max(th, round(img.height * scale))
-    if (nw, nh) != img.size:
-        img = img.resize((nw, nh), resample)
-    left, top = (nw - tw) // 2, (nh - th) // 2
-    return img.crop((left, top, left + tw, top + th))
-
-
-def _decode_chunk(
-    paths: Sequence[str], size: tuple[int, int], channels: int
-) -> tuple[np.ndarray, list[tuple[int, str]]]:
-    """Worker: decode a chunk of files; return the good images and ``(position, reason)`` of bad ones."""
-    good: list[np.ndarray] = []
-    bad: list[tuple[int, str]] = []
-    for i, p in enumerate(paths):
-        try:
-            good.append(load_image(p, size, channels))
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            bad.append((i, f"{type(e).__name__}: {e}"))
-    arr = np.stack(good) if good else np.zeros((0, channels, *size), dtype=np.uint8)
-    return arr, bad
-
-
-def decode_files(
-    paths: Sequence[str], size: tuple[int, int], channels: int, desc: str = "decoding images"
-) -> tuple[np.ndarray, dict[int, str]]:
-    """Decode many files over all cores: ``(images [n_good, C, H, W], {index: reason} of failures)``."""
-    chunk = 256
-    results = parallel_chunks(
-        functools.partial(_decode_chunk, size=size, channels=channels), paths, chunk_size=chunk, desc=desc
-    )
-    bad = {j * chunk + i: reason for j, (_, errs) in enumerate(results) for i, reason in errs}
-    if not results:
-        return np.zeros((0, channels, *size), dtype=np.uint8), bad
-    return np.concatenate([arr for arr, _ in results]), bad
-
-
-def _probe(paths: Sequence[str]) -> np.ndarray:
-    """Worker: ``[n, 3]`` int32 of (channels, width, height) from headers; channels 0 = unreadable.
-
-    Only headers are read (plus PNG chunk checksums), so this is much cheaper than
-    decoding; a file that passes here but fails to decode is still caught later.
-    """
-    out = np.zeros((len(paths), 3), dtype=np.int32)
-    for i, p in enumerate(paths):
-        try:
-            with Image.open(p) as img:
-                row = (image_channels(img), img.width, img.height)
-                img.verify()  # PNG: walks the chunks and checks CRCs (catches truncation) without decoding
-            out[i] = row
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError):
-            pass
-    return out
-
-
-def _probe_all(paths: Sequence[str]) -> np.ndarray:
-    if not paths:
-        return np.zeros((0, 3), dtype=np.int32)
-    return np.concatenate(parallel_chunks(_probe, paths, chunk_size=1024, desc="reading image headers"))
 
 
 # -- the dataset ----------------------------------------------------------------------
@@ -265,7 +102,7 @@ def _listing(root: Path) -> tuple[list[str], list[list[os.DirEntry[str]]], list[
             for e in sorted(it, key=lambda e: e.name):
                 if e.name.startswith(".") or e.name.lower() in _IGNORED_FILES or e.is_dir():
                     continue
-                if os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS:
+                if is_image_file(e.name):
                     imgs.append(e)
                 else:
                     problems.append(
@@ -303,24 +140,6 @@ def _as_size(image_size: int | tuple[int, int] | None) -> tuple[int, int] | None
     if min(size) < 1:
         raise DatasetError(f"image_size must be positive, got {image_size!r}")
     return size
-
-
-def channel_stats(images: np.ndarray) -> np.ndarray:
-    """Per-channel mean and std in ``[0, 1]`` units, ``[2, C]`` float64 (exact, in chunks)."""
-    c = images.shape[1]
-    s = np.zeros(c)
-    ss = np.zeros(c)
-    n = 0
-    for i in range(0, len(images), 4096):
-        x = images[i : i + 4096].astype(np.float64) / 255.0
-        s += x.sum(axis=(0, 2, 3))
-        ss += (x * x).sum(axis=(0, 2, 3))
-        n += x.shape[0] * x.shape[2] * x.shape[3]
-    if n == 0:
-        return np.stack([np.full(c, 0.5), np.full(c, 0.5)])
-    mean = s / n
-    std = np.sqrt(np.maximum(ss / n - mean**2, 0.0))
-    return np.stack([mean, np.where(std > 0, std, 1.0)])
 
 
 def ImageFolder(  # noqa: N802 - reads like a class, returns the shared dataset type
@@ -373,7 +192,7 @@ def ImageFolder(  # noqa: N802 - reads like a class, returns the shared dataset 
 
     bad: list[tuple[Path, str]] = []
     if size is None or channels is None:
-        meta = cached_array(f"{slug}-meta", key0, lambda: _probe_all(paths))
+        meta = cached_array(f"{slug}-meta", key0, lambda: probe_files(paths))
         readable = meta[:, 0] > 0
         for i in np.flatnonzero(~readable):
             bad.append((Path(paths[i]), "is not a readable image (corrupt or unknown format)"))
@@ -442,3 +261,69 @@ def ImageFolder(  # noqa: N802 - reads like a class, returns the shared dataset 
         mean=stats[0].tolist(),
         std=stats[1].tolist(),
     )
+
+
+# -- the registered "folder:PATH" dataset ------------------------------------------------
+
+
+def _folder_root(path: str, subset: str) -> Path:
+    """The folder a ``folder:PATH`` subset names: PATH itself for ``all``, else ``PATH/<subset>``."""
+    base = Path(path).expanduser()
+    if not path or str(base) == ".":
+        raise DatasetError("folder: needs a path, e.g. folder:/data/my_images")
+    if subset == "all":
+        return base
+    sub = base / subset
+    if not sub.is_dir():
+        raise DatasetNotFoundError(
+            f"subset {subset!r} of {FOLDER_PREFIX}{path} not found: {sub.absolute()} is not a folder "
+            "(use subset 'all' for PATH itself, or a sub-folder name such as 'train')"
+        )
+    return sub
+
+
+def load_folder(subset: str, root: Any, download: bool, *, path: str, **options: Any) -> FewShotDataset:
+    """The ``folder:PATH`` loader of the dataset registry (``root`` and ``download`` do not apply)."""
+    folder = _folder_root(path, subset)
+    name = f"{FOLDER_PREFIX}{path}" + ("" if subset == "all" else f"/{subset}")
+    return ImageFolder(folder, name=name, **options)
+
+
+def folder_info(root: Any = None, *, path: str) -> dict[str, Any]:
+    """Cheap facts about ``folder:PATH``: its class folders and image files, counted by name only."""
+    base = Path(path).expanduser()
+    info: dict[str, Any] = {"description": "image folder", "looked_in": [str(base.absolute())]}
+    if not base.is_dir():
+        return {**info, "found": False, "path": None, "message": f"{base.absolute()} is not a folder"}
+    classes = images = 0
+    with os.scandir(base) as it:
+        for d in it:
+            if d.is_dir() and not d.name.startswith("."):
+                with os.scandir(d.path) as files:
+                    n = sum(1 for e in files if is_image_file(e.name))
+                classes += 1
+                images += n
+    return {**info, "subsets": {"all": {"classes": classes, "images": images}}, "found": True,
+            "path": str(base.absolute())}
+
+
+def _no_download(root: Any = None, *, path: str) -> list[Path]:
+    raise DatasetError(f"{FOLDER_PREFIX}{path} is a local folder; there is nothing to download")
+
+
+register_dataset(
+    DatasetSpec(
+        "folder",
+        f"your own PATH/<class>/<image> tree ({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)})",
+        ("all",),
+        "all",
+        "",
+        None,
+        load=load_folder,
+        info=folder_info,
+        download=_no_download,
+        options=("image_size", "channels", "on_error"),
+        argument="PATH",
+        open_subsets=True,
+    )
+)

@@ -13,7 +13,6 @@ on Omniglot applies directly. The zip is read in place, never extracted.
 
 from __future__ import annotations
 
-import io
 import os
 import re
 import zipfile
@@ -25,9 +24,11 @@ import torch
 from ..errors import DatasetError
 from ..paths import data_root
 from .base import cache_key, cached_array
+from .decode import decode_drawing
 from .download import check_md5_cached, dataset_not_found, download_file
 from .episodes import Episode, EpisodeSet
-from .omniglot import OMNIGLOT_MEAN, OMNIGLOT_STD, decode_drawing
+from .normalize import Normalize
+from .omniglot import OMNIGLOT_MEAN, OMNIGLOT_STD
 
 __all__ = ["lake_runs", "find_lake_runs", "locate_lake_runs", "LAKE_RUNS_URL", "LAKE_RUNS_MD5"]
 
@@ -98,8 +99,8 @@ def _read_images(path: Path, size: int) -> np.ndarray:
         for r in range(N_RUNS):
             run = f"run{r + 1:02d}"
             for j in range(N_WAY):
-                out[r, j] = decode_drawing(io.BytesIO(z.read(f"{run}/training/class{j + 1:02d}.png")), size)
-                out[r, N_WAY + j] = decode_drawing(io.BytesIO(z.read(f"{run}/test/item{j + 1:02d}.png")), size)
+                out[r, j] = decode_drawing(z.read(f"{run}/training/class{j + 1:02d}.png"), size)
+                out[r, N_WAY + j] = decode_drawing(z.read(f"{run}/test/item{j + 1:02d}.png"), size)
     return out
 
 
@@ -120,8 +121,7 @@ def lake_runs(
         raise DatasetError(f"image_size must be a positive integer, got {image_size!r}")
     answers = torch.from_numpy(_read_answers(path))
     raw = torch.from_numpy(cached_array(f"lake-runs-{image_size}", key, lambda: _read_images(path, image_size)))
-    mean, std = OMNIGLOT_MEAN[0], OMNIGLOT_STD[0]
-    x = raw.float().div(255).sub(mean).div(std).unsqueeze(2)  # [R, 40, 1, S, S]
+    x = Normalize(OMNIGLOT_MEAN, OMNIGLOT_STD)(raw.unsqueeze(2))  # [R, 40, 1, S, S]
     labels = torch.arange(N_WAY)
     episodes = [
         Episode(

@@ -11,11 +11,12 @@ single-label few-shot episodes.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -23,9 +24,19 @@ from ..errors import DatasetError
 from ..paths import cache_dir, data_root
 from .base import FewShotDataset
 from .download import check_md5_cached, dataset_not_found, download_file
-from .image_folder import channel_stats
+from .normalize import channel_stats
+from .registry import DatasetSpec, register_dataset
 
-__all__ = ["MedMNIST", "MEDMNIST_INFO", "MedMNISTInfo", "find_medmnist", "locate_medmnist", "SPLITS"]
+__all__ = [
+    "MedMNIST",
+    "MEDMNIST_INFO",
+    "MedMNISTInfo",
+    "UNSUPPORTED",
+    "find_medmnist",
+    "locate_medmnist",
+    "medmnist_info",
+    "SPLITS",
+]
 
 SPLITS = ("train", "val", "test")
 _ZENODO = "https://zenodo.org/record/6496656/files/{}.npz?download=1"
@@ -125,11 +136,20 @@ MEDMNIST_INFO: dict[str, MedMNISTInfo] = {
 }
 
 # Per-channel mean/std of the train split in [0, 1] units, computed once from the official
-# .npz over every train pixel (metafew.data.image_folder.channel_stats). Datasets not listed
+# .npz over every train pixel (metafew.data.normalize.channel_stats). Datasets not listed
 # here get theirs computed from their train split on first load and cached in the cache dir.
 _TRAIN_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "pneumoniamnist": ((0.5719,), (0.1684,)),
     "breastmnist": ((0.3276,), (0.2057,)),
+}
+
+
+# MedMNIST names that cannot make few-shot episodes, and why.
+UNSUPPORTED = {
+    "chestmnist": (
+        "chestmnist is multi-label (14 findings per image): few-shot episodes need exactly one "
+        "class per image, so it is not supported; use another MedMNIST dataset"
+    ),
 }
 
 
@@ -160,11 +180,8 @@ def _info(name: str) -> MedMNISTInfo:
     key = name.lower()
     if key not in MEDMNIST_INFO:
         raise DatasetError(f"unknown MedMNIST dataset {name!r}; choose one of {', '.join(MEDMNIST_INFO)}")
-    if key == "chestmnist":
-        raise DatasetError(
-            "chestmnist is multi-label (14 findings per image): few-shot episodes need exactly one "
-            "class per image, so it is not supported; use another MedMNIST dataset"
-        )
+    if key in UNSUPPORTED:
+        raise DatasetError(UNSUPPORTED[key])
     return MEDMNIST_INFO[key]
 
 
@@ -248,3 +265,47 @@ def MedMNIST(  # noqa: N802 - reads like a class, returns the shared dataset typ
         mean=mean,
         std=std,
     )
+
+
+def medmnist_info(name: str, root: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Cheap facts about ``<name>.npz`` (path, per-split counts from the label arrays, label names), no image read.
+
+    Raises DatasetNotFoundError (naming where it looked) when the file is missing.
+    """
+    name = name.lower()
+    meta = _info(name)
+    looked = [str(c) for c in _candidates(name, root)]
+    path = find_medmnist(name, root)
+    if path is None:
+        raise dataset_not_found(f"MedMNIST {name}", looked, name, meta.url(name))
+    subsets = {}
+    with np.load(path) as f:
+        for s in SPLITS:
+            key = f"{s}_labels"
+            n = int(f[key].shape[0]) if key in f.files else 0
+            subsets[s] = {"classes": len(meta.labels), "images": n}
+    return {"path": str(path), "looked_in": looked, "subsets": subsets, "labels": list(meta.labels), "md5": meta.md5}
+
+
+def _download(name: str, root: str | os.PathLike[str] | None = None) -> list[Path]:
+    return [locate_medmnist(name, root, download=True)]
+
+
+def _spec(name: str, info: MedMNISTInfo) -> DatasetSpec:
+    return DatasetSpec(
+        name,
+        f"MedMNIST v2 {name} ({info.task}, {len(info.labels)} classes), official splits",
+        SPLITS,
+        "train",
+        info.url(name),
+        (info.channels, 28, 28),
+        load=functools.partial(MedMNIST, name),
+        info=functools.partial(medmnist_info, name),
+        download=functools.partial(_download, name),
+        unsupported=UNSUPPORTED.get(name),  # known, so it gets its explanation, but never listed
+    )
+
+
+for _name, _meta in MEDMNIST_INFO.items():
+    register_dataset(_spec(_name, _meta))
+del _name, _meta

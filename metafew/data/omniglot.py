@@ -22,16 +22,16 @@ import functools
 import os
 from importlib import resources
 from pathlib import Path
-from typing import IO
+from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from ..errors import DatasetError
 from ..paths import data_root
 from .base import FewShotDataset, cache_key, cached_array
+from .decode import decode_drawing, parallel_chunks
 from .download import dataset_not_found, download_and_extract
-from .image_folder import parallel_chunks
+from .registry import DatasetSpec, register_dataset
 
 __all__ = [
     "Omniglot",
@@ -39,10 +39,13 @@ __all__ = [
     "OMNIGLOT_STD",
     "OMNIGLOT_URLS",
     "OMNIGLOT_MD5",
-    "decode_drawing",
+    "SUBSETS",
+    "decode_drawing",  # lives in .decode; re-exported
     "find_omniglot",
     "locate_omniglot",
     "omniglot_images",
+    "omniglot_info",
+    "split_lines",
 ]
 
 OMNIGLOT_URLS = {
@@ -58,7 +61,7 @@ SUBSETS = {"vinyals": ("train", "val", "test", "trainval"), "lake": ("background
 
 # Mean and std of all 19,280 images_background drawings, decoded as here (28x28 LANCZOS,
 # inverted: strokes 255), over every pixel, in [0, 1] units; computed once with
-# metafew.data.image_folder.channel_stats(omniglot_images()[:19280]). Rotations leave
+# metafew.data.normalize.channel_stats(omniglot_images()[:19280]). Rotations leave
 # them unchanged; other image sizes differ only slightly.
 OMNIGLOT_MEAN = (0.0815,)
 OMNIGLOT_STD = (0.2359,)
@@ -138,18 +141,6 @@ def _subdirs(path: str) -> list[str]:
         return sorted(e.name for e in it if not e.name.startswith(".") and e.is_dir())
 
 
-def decode_drawing(source: str | os.PathLike[str] | IO[bytes], size: int) -> np.ndarray:
-    """One Omniglot PNG to uint8 ``[size, size]``: grayscale, LANCZOS-resized, inverted (strokes 255).
-
-    The one preprocessing of Omniglot drawings, shared by :func:`Omniglot` and :func:`metafew.data.lake_runs`.
-    """
-    with Image.open(source) as im:
-        g = im.convert("L")
-    if g.size != (size, size):
-        g = g.resize((size, size), Image.Resampling.LANCZOS)
-    return 255 - np.asarray(g, dtype=np.uint8)
-
-
 def _decode_chunk(paths: list[str], base: str, size: int) -> np.ndarray:
     """Worker: PNGs (relative to ``base``) to uint8 ``[n, 1, size, size]``."""
     out = np.empty((len(paths), 1, size, size), dtype=np.uint8)
@@ -182,7 +173,8 @@ def _all_images(base: Path, files: tuple[str, ...], image_size: int) -> np.ndarr
     return cached_array(f"omniglot-{image_size}", key, build)
 
 
-def _split_lines(subset: str) -> list[str]:
+def split_lines(subset: str) -> list[str]:
+    """The packaged Vinyals split list of ``subset``: one ``Alphabet/characterNN/rotDDD`` class per line."""
     text = resources.files("metafew.data").joinpath("splits", f"omniglot_vinyals_{subset}.txt").read_text()
     return [line.strip() for line in text.splitlines() if line.strip()]
 
@@ -221,7 +213,7 @@ def Omniglot(  # noqa: N802 - reads like a class, returns the shared dataset typ
         names = [chars[i] for i in range(lo, hi)]
     else:
         picks, names = [], []
-        for line in _split_lines(subset):
+        for line in split_lines(subset):
             character, _, rot = line.rpartition("/")
             if character not in char_index:
                 raise DatasetError(
@@ -260,3 +252,73 @@ def Omniglot(  # noqa: N802 - reads like a class, returns the shared dataset typ
         mean=OMNIGLOT_MEAN,
         std=OMNIGLOT_STD,
     )
+
+
+def omniglot_info(split: str, root: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Cheap facts about Omniglot under ``split`` (``"vinyals"`` or ``"lake"``): where it is and the
+    classes/images per subset, from the file listing alone; also where Lake's runs are (or None).
+
+    Raises DatasetNotFoundError (naming where it looked) when the images are missing.
+    """
+    from .lake import find_lake_runs  # lake.py imports this module
+
+    looked = [str(c) for c in _candidates(root)]
+    base = locate_omniglot(root)
+    chars, _, starts, n_background = _listing(base)
+    per_char = np.diff(starts)
+    subsets: dict[str, dict[str, int]] = {}
+    if split == "vinyals":
+        index = {c: i for i, c in enumerate(chars)}
+        for s in SUBSETS["vinyals"]:
+            lines = split_lines(s)
+            n = sum(int(per_char[index[ln.rpartition("/")[0]]]) for ln in lines if ln.rpartition("/")[0] in index)
+            subsets[s] = {"classes": len(lines), "images": n}
+    else:
+        subsets["background"] = {"classes": n_background, "images": int(per_char[:n_background].sum())}
+        subsets["evaluation"] = {"classes": len(chars) - n_background, "images": int(per_char[n_background:].sum())}
+    runs = find_lake_runs(root)
+    return {"path": str(base), "looked_in": looked, "subsets": subsets, "lake_runs": str(runs) if runs else None}
+
+
+def _download_all(root: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Both image sets and Lake's one-shot runs (what ``metafew data download omniglot`` fetches)."""
+    from .lake import locate_lake_runs  # lake.py imports this module
+
+    return [locate_omniglot(root, download=True), locate_lake_runs(root, download=True)]
+
+
+def _loader(split: str):  # noqa: ANN202 - the registry's load(subset, root, download, **options)
+    def load(subset: str, root: str | os.PathLike[str] | None, download: bool, **options: Any) -> FewShotDataset:
+        return Omniglot(subset, split, root, download, **options)
+
+    return load
+
+
+register_dataset(
+    DatasetSpec(
+        "omniglot",
+        "Omniglot, Vinyals et al. split: 4 rotations of each character are classes (20 images each)",
+        SUBSETS["vinyals"],
+        "train",
+        OMNIGLOT_URLS["images_background"],
+        (1, 28, 28),
+        load=_loader("vinyals"),
+        info=functools.partial(omniglot_info, "vinyals"),
+        download=_download_all,
+        options=("image_size",),
+    )
+)
+register_dataset(
+    DatasetSpec(
+        "omniglot-lake",
+        "Omniglot, Lake et al. background (964 characters) / evaluation (659) sets, unrotated",
+        SUBSETS["lake"],
+        "background",
+        OMNIGLOT_URLS["images_background"],
+        (1, 28, 28),
+        load=_loader("lake"),
+        info=functools.partial(omniglot_info, "lake"),
+        download=_download_all,
+        options=("image_size",),
+    )
+)

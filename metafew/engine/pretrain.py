@@ -27,26 +27,11 @@ from torch import nn
 
 from ..backbones import create
 from ..data.base import FewShotDataset
-from ..device import autocast, eval_mode, resolve_device
+from ..device import autocast, eval_mode, resolve_amp, resolve_device
 from ..errors import ConfigError
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 LogFn = Callable[[dict[str, Any]], None]
-
-
-def _amp_dtype(amp: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
-    if amp is None or amp is False:
-        return None
-    if amp == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return None
-    if isinstance(amp, torch.dtype):
-        return amp
-    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-    if amp not in table:
-        raise ConfigError(f"amp must be None, 'auto', 'bf16' or 'fp16', got {amp!r}")
-    return table[amp]
 
 
 def _logger(log: LogFn | str | os.PathLike[str] | None) -> LogFn:
@@ -71,15 +56,14 @@ class _DeviceBatches:
     def __init__(self, dataset: FewShotDataset, device: torch.device) -> None:
         self.images = dataset.images.to(device, non_blocking=True)
         self.labels = dataset.labels.to(device, non_blocking=True)
-        self.mean = torch.tensor(dataset.mean, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(dataset.std, device=device).view(1, -1, 1, 1)
+        self.normalize = dataset.normalizer  # the one uint8 -> float normalisation (metafew.data.normalize)
         self.device = device
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def get(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.images[idx].float().div_(255).sub_(self.mean).div_(self.std)
+        x = self.normalize(self.images[idx])
         return x, self.labels[idx]
 
 
@@ -174,6 +158,7 @@ def pretrain(
     progress: bool = True,
     log: LogFn | str | os.PathLike[str] | None = None,
     backbone_options: dict[str, Any] | None = None,
+    keep: str = "last",
 ) -> nn.Module:
     """Pretrain ``backbone`` by cross-entropy over ``dataset``'s classes; returns it (eval mode, on ``device``).
 
@@ -197,15 +182,28 @@ def pretrain(
         seed: seeds the head/backbone initialisation, the batch order and the augmentation.
         out: when given, the backbone is saved there with :func:`metafew.checkpoint.save_backbone`
             (dataset name, class names, normalisation and the training settings in the record).
+        keep: ``"last"`` (the weights after the last epoch) or ``"best"`` (the epoch with the
+            best validation figure: few-shot accuracy on other classes, else head accuracy;
+            needs ``val``). Validation classes pick the checkpoint; test classes are never seen.
         progress: show a tqdm bar. log: a callable receiving one dict per epoch, or a path to a
             JSON-lines file appended to.
+
+    >>> import metafew
+    >>> data = metafew.load_dataset("breastmnist", "train")   # 546 images, 2 classes
+    >>> backbone = metafew.pretrain("conv4", data, epochs=1, device="cpu", progress=False)
+    >>> backbone.out_features, backbone.training
+    (64, False)
     """
+    if keep not in ("last", "best"):
+        raise ConfigError(f"keep must be 'last' or 'best', got {keep!r}")
+    if keep == "best" and val is None:
+        raise ConfigError("keep='best' needs validation data (val=...) to choose the best epoch")
     if epochs < 1 or batch_size < 1:
         raise ConfigError(f"epochs and batch_size must be positive, got {epochs} and {batch_size}")
     if len(dataset) < 2:
         raise ConfigError(f"{dataset.name}: pretraining needs at least 2 images, got {len(dataset)}")
     dev = resolve_device(device)
-    amp_dtype = _amp_dtype(amp, dev)
+    amp_dtype = resolve_amp(amp, dev)
     emit = _logger(log)
 
     with torch.random.fork_rng(devices=[]):
@@ -256,6 +254,7 @@ def pretrain(
 
     bar = tqdm(total=total_steps, desc=f"pretrain {getattr(backbone, 'name', type(backbone).__name__)}", disable=not progress, unit="step")
     history: list[dict[str, Any]] = []
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
     backbone.train()
     head.train()
     try:
@@ -293,12 +292,19 @@ def pretrain(
             if probe is not None:
                 entry.update(probe(backbone, amp_dtype))
             entry["seconds"] = round(time.perf_counter() - t0, 3)
+            score = entry.get("val_fewshot_acc", entry.get("val_acc"))
+            if keep == "best" and score is not None and (best is None or score > best[0]):
+                best = (score, epoch, {k: v.detach().clone() for k, v in backbone.state_dict().items()})
             history.append(entry)
             bar.set_postfix({k: round(v, 4) for k, v in entry.items() if k in ("loss", "acc", "val_acc", "val_fewshot_acc")})
             emit(entry)
     finally:
         bar.close()
 
+    chosen = history[-1]
+    if best is not None:
+        backbone.load_state_dict(best[2])
+        chosen = history[best[1] - 1]
     backbone.eval()
     backbone.pretrain_history = history  # type: ignore[assignment]
     if out is not None:
@@ -307,10 +313,10 @@ def pretrain(
         settings = {
             "epochs": epochs, "batch_size": bs, "lr": lr, "weight_decay": weight_decay, "momentum": momentum,
             "label_smoothing": label_smoothing, "amp": str(amp_dtype) if amp_dtype else None,
-            "augment": repr(augment) if augment is not None else None, "seed": seed,
+            "augment": repr(augment) if augment is not None else None, "seed": seed, "keep": keep,
         }
         save_backbone(
             backbone, out, mean=dataset.mean, std=dataset.std, dataset=dataset.name, classes=dataset.classes,
-            extra={"pretrain": settings, "final": history[-1]},
+            extra={"pretrain": settings, "final": history[-1], "chosen": chosen},
         )
     return backbone

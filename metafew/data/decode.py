@@ -1,0 +1,286 @@
+"""The one home of image decoding: files (or PIL images) to uint8 ``[C, H, W]`` arrays.
+
+Every reader of image files uses these primitives, so a file is decoded the same way
+wherever it is read: :func:`metafew.data.ImageFolder` and Caltech-101 (:func:`load_image`
+over a process pool, :func:`decode_files`), Omniglot and Lake's runs
+(:func:`decode_drawing`), and ``metafew adapt``/``predict`` on a user's files
+(:mod:`metafew.adaptation.preprocess`).
+
+Policy of :func:`load_image` / :func:`convert_image`:
+
+* modes: converted to ``L`` (1 channel) or ``RGB`` (3); transparent pixels are
+  composited onto white; 16-bit and 32-bit gray is scaled to 8 bits.
+* size: scaled so the image covers the target (bicubic, antialiased), then
+  center-cropped, so the aspect ratio is never distorted.
+
+The cached decoded arrays depend on exactly this code: a change to what it produces
+must bump the ``_VERSION`` of the datasets that cache its output.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import multiprocessing as mp
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from typing import IO, TypeVar
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ..progress import progress
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "DECODE_ERRORS",
+    "is_image_file",
+    "image_channels",
+    "to_mode",
+    "cover_crop",
+    "to_array",
+    "convert_image",
+    "load_image",
+    "decode_drawing",
+    "probe_image",
+    "decode_workers",
+    "parallel_chunks",
+    "decode_files",
+    "probe_files",
+]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+# What PIL raises on a file that is not a (complete, supported) image.
+DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    UnidentifiedImageError,
+    ValueError,
+    SyntaxError,
+    Image.DecompressionBombError,
+)
+
+_GRAY_MODES = {"1", "L", "LA", "La", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+# -- one image ------------------------------------------------------------------------
+
+
+def is_image_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` has one of the :data:`IMAGE_EXTENSIONS` (by name alone, case-insensitive)."""
+    return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_EXTENSIONS
+
+
+def image_channels(img: Image.Image) -> int:
+    """1 for a grayscale image (gray modes, or a palette of grays), else 3; read from the header."""
+    if img.mode in _GRAY_MODES:
+        return 1
+    if img.mode in ("P", "PA"):
+        pal = img.getpalette() or []
+        rgb = np.asarray(pal[: len(pal) // 3 * 3], dtype=np.int32).reshape(-1, 3)
+        return 1 if len(rgb) and bool((rgb == rgb[:, :1]).all()) else 3
+    return 3
+
+
+def to_mode(img: Image.Image, channels: int) -> Image.Image:
+    """Convert any PIL mode to ``L`` (channels=1) or ``RGB`` (3); alpha is composited onto white."""
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") else (255.0 if a.max() <= 255 else float(a.max()))
+        img = Image.fromarray(np.clip(a * (255.0 / top), 0, 255).round().astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "La", "RGBa", "PA"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    want = "L" if channels == 1 else "RGB"
+    return img if img.mode == want else img.convert(want)
+
+
+def cover_crop(img: Image.Image, size: tuple[int, int], resample: int = Image.Resampling.BICUBIC) -> Image.Image:
+    """Scale ``img`` so it covers ``size=(H, W)`` (never distorting it), then center-crop to exactly ``size``."""
+    th, tw = size
+    scale = max(tw / img.width, th / img.height)
+    nw, nh = max(tw, round(img.width * scale)), max(th, round(img.height * scale))
+    if (nw, nh) != img.size:
+        img = img.resize((nw, nh), resample)
+    left, top = (nw - tw) // 2, (nh - th) // 2
+    return img.crop((left, top, left + tw, top + th))
+
+
+def to_array(img: Image.Image) -> np.ndarray:
+    """An ``L`` or ``RGB`` PIL image as uint8 ``[C, H, W]`` (channels first, as torch wants)."""
+    a = np.asarray(img, dtype=np.uint8)
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+
+def convert_image(
+    img: Image.Image,
+    size: tuple[int, int] | None,
+    channels: int,
+    resample: int = Image.Resampling.BICUBIC,
+) -> np.ndarray:
+    """An opened PIL image to uint8 ``[C, H, W]``: :func:`to_mode`, then :func:`cover_crop` unless ``size`` matches."""
+    img = to_mode(img, channels)
+    if size is not None and (img.height, img.width) != size:
+        img = cover_crop(img, size, resample)
+    return to_array(img)
+
+
+def load_image(
+    path: str | os.PathLike[str],
+    size: tuple[int, int] | None,
+    channels: int,
+    resample: int = Image.Resampling.BICUBIC,
+) -> np.ndarray:
+    """Decode one image file to uint8 ``[C, H, W]``.
+
+    ``size=(H, W)``: scale so the image covers ``H x W`` (antialiased), then center-crop;
+    ``None``: keep the image's size. JPEGs are decoded at a reduced scale when that
+    still covers the target (``draft``), which makes large photos much faster. The
+    first frame of a GIF (page of a TIFF) is used.
+    """
+    with Image.open(path) as img:
+        if size is not None and img.format == "JPEG":
+            img.draft("L" if channels == 1 else "RGB", (size[1], size[0]))
+        img.seek(0)  # first frame of a GIF / page of a TIFF
+        return convert_image(img, size, channels, resample)
+
+
+def decode_drawing(source: str | os.PathLike[str] | IO[bytes] | bytes, size: int) -> np.ndarray:
+    """One Omniglot PNG (a path, file or its bytes) to uint8 ``[size, size]``: grayscale, LANCZOS-resized,
+    inverted (strokes 255).
+
+    The one preprocessing of Omniglot drawings, shared by :func:`metafew.data.Omniglot` and
+    :func:`metafew.data.lake_runs`, so a learner trained on one applies to the other.
+    """
+    if isinstance(source, (bytes, bytearray)):
+        source = io.BytesIO(source)
+    with Image.open(source) as im:
+        g = im.convert("L")
+    if g.size != (size, size):
+        g = g.resize((size, size), Image.Resampling.LANCZOS)
+    return 255 - np.asarray(g, dtype=np.uint8)
+
+
+def probe_image(path: str | os.PathLike[str]) -> tuple[int, int, int] | None:
+    """``(channels, width, height)`` of an image file from its header, or None when it is unreadable.
+
+    Much cheaper than decoding: only the header is read, plus (for PNG) a walk over the
+    chunk checksums that catches truncated files. A file that passes here but fails to
+    decode is still caught by the decode.
+    """
+    try:
+        with Image.open(path) as img:
+            row = (image_channels(img), img.width, img.height)
+            try:
+                img.verify()  # PNG: walks the chunks and checks CRCs (catches truncation) without decoding
+            except RuntimeError:  # "verify must be called directly after open": a palette was read
+                with Image.open(path) as again:
+                    again.verify()
+    except DECODE_ERRORS:
+        return None
+    return row
+
+
+# -- many images, over all cores --------------------------------------------------------
+
+
+def decode_workers() -> int:
+    """How many processes a cold decode uses: ``$METAFEW_DECODE_WORKERS``, else every usable core."""
+    env = os.environ.get("METAFEW_DECODE_WORKERS")
+    if env and env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def parallel_chunks(
+    fn: Callable[[Sequence[T]], R],
+    items: Sequence[T],
+    *,
+    chunk_size: int = 512,
+    desc: str = "decoding",
+    workers: int | None = None,
+) -> list[R]:
+    """``[fn(chunk) for chunk in chunks(items)]``, computed in a process pool, in order.
+
+    Used for the one-time decode of a dataset: PIL releases little of the GIL, so
+    processes (forked where the platform allows: no re-import of torch per worker)
+    are what scales over cores. Small jobs run in-process. ``fn`` must be a
+    module-level function.
+    """
+    chunks = [items[i : i + chunk_size] for i in range(0, len(items), chunk_size)]
+    workers = min(decode_workers() if workers is None else workers, len(chunks))
+    if mp.current_process().daemon:  # e.g. inside a DataLoader worker: no children allowed
+        workers = 1
+    with progress(total=len(items), desc=desc, unit="img") as bar:
+        if workers <= 1:
+            out = []
+            for c in chunks:
+                out.append(fn(c))
+                bar.update(len(c))
+            return out
+        methods = mp.get_all_start_methods()
+        ctx = mp.get_context("fork" if "fork" in methods else None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork of a threaded process
+            with ctx.Pool(workers) as pool:
+                out = []
+                for c, r in zip(chunks, pool.imap(fn, chunks)):
+                    out.append(r)
+                    bar.update(len(c))
+                return out
+
+
+def _decode_chunk(
+    paths: Sequence[str], size: tuple[int, int], channels: int
+) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """Worker: decode a chunk of files; return the good images and ``(position, reason)`` of bad ones."""
+    good: list[np.ndarray] = []
+    bad: list[tuple[int, str]] = []
+    for i, p in enumerate(paths):
+        try:
+            good.append(load_image(p, size, channels))
+        except DECODE_ERRORS as e:
+            bad.append((i, f"{type(e).__name__}: {e}"))
+    arr = np.stack(good) if good else np.zeros((0, channels, *size), dtype=np.uint8)
+    return arr, bad
+
+
+def decode_files(
+    paths: Sequence[str], size: tuple[int, int], channels: int, desc: str = "decoding images"
+) -> tuple[np.ndarray, dict[int, str]]:
+    """Decode many files over all cores: ``(images [n_good, C, H, W], {index: reason} of failures)``."""
+    chunk = 256
+    results = parallel_chunks(
+        functools.partial(_decode_chunk, size=size, channels=channels), paths, chunk_size=chunk, desc=desc
+    )
+    bad = {j * chunk + i: reason for j, (_, errs) in enumerate(results) for i, reason in errs}
+    if not results:
+        return np.zeros((0, channels, *size), dtype=np.uint8), bad
+    return np.concatenate([arr for arr, _ in results]), bad
+
+
+def _probe_chunk(paths: Sequence[str]) -> np.ndarray:
+    """Worker: ``[n, 3]`` int32 of (channels, width, height) from headers; channels 0 = unreadable."""
+    out = np.zeros((len(paths), 3), dtype=np.int32)
+    for i, p in enumerate(paths):
+        row = probe_image(p)
+        if row is not None:
+            out[i] = row
+    return out
+
+
+def probe_files(paths: Sequence[str], desc: str = "reading image headers") -> np.ndarray:
+    """:func:`probe_image` of many files over all cores: int32 ``[n, 3]`` (channels, width, height); 0s if unreadable."""
+    if not paths:
+        return np.zeros((0, 3), dtype=np.int32)
+    return np.concatenate(parallel_chunks(_probe_chunk, paths, chunk_size=1024, desc=desc))
