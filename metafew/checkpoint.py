@@ -96,6 +96,11 @@ def _existing_path(path: str | os.PathLike[str]) -> Path:
     p = Path(path).expanduser()
     if p.is_file():
         return p
+    from .backbones.weights import shipped_path
+
+    shipped = shipped_path(str(path))  # a pretrained backbone that came with metafew, by name
+    if shipped is not None:
+        return shipped
     if p.is_dir():
         raise CheckpointError(f"{p} is a directory; a metafew checkpoint is a single {SUFFIX} file")
     alt = checkpoint_path(p)

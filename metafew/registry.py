@@ -51,6 +51,20 @@ def did_you_mean(name: str, choices: list[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
+def import_submodules(package: str, path: list[str] | Any) -> None:
+    """Import every module of ``package`` (its ``__path__``), so each registers its entries.
+
+    This is what makes a new learner, backbone or dataset one file: drop the module in
+    its folder and its decorator runs when the package is imported.
+    """
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(path):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{package}.{info.name}")
+
+
 class Registry(Generic[T]):
     """Named factories of one kind (``"learner"``, ``"backbone"``, ``"dataset"``).
 

@@ -99,7 +99,7 @@ def test_adapt_pneumoniamnist_end_to_end(backbone_ckpt: Path, tmp_path: Path) ->
     assert set(r.recall) == {"normal", "pneumonia"} and all(0 <= v <= 1 for v in r.recall.values())
     assert r.balanced_accuracy.mean > 0.6 and r.auc.mean > 0.7
     assert "accuracy" in r.summary() and "AUC" in r.summary()
-    assert r.temperature is not None and model.predictor.temperature == r.temperature
+    assert r.temperature is not None and model.temperature == r.temperature
 
     test = model.evaluate("pneumoniamnist")  # the official test split
     assert test.n == 624 and sum(map(sum, test.confusion)) == 624
@@ -131,8 +131,8 @@ def test_calibration_and_batchnorm_statistics(backbone_ckpt: Path, folder: Path)
     calibrated = metafew.adapt(folder, backbone_ckpt, shots=5, eval_draws=4, device="cpu")
     raw = metafew.adapt(folder, backbone_ckpt, shots=5, eval_draws=4, device="cpu", calibrate=False)
     t = calibrated.report.temperature
-    assert t is not None and t > 0 and calibrated.predictor.temperature == t
-    assert raw.report.temperature is None and raw.predictor.temperature == 1.0
+    assert t is not None and t > 0 and calibrated.temperature == t
+    assert raw.report.temperature is None and raw.temperature == 1.0
     assert "temperature" in calibrated.report.summary()
     p, q = calibrated.predict_proba(files), raw.predict_proba(files)
     assert torch.equal(p.argmax(1), q.argmax(1))  # a temperature never changes the predicted class
@@ -351,3 +351,48 @@ def test_save_refuses_foreign_file(backbone_ckpt: Path, folder: Path, tmp_path: 
     with pytest.raises(OutputError):
         model.save(tmp_path)  # a folder
     assert photo.read_bytes() == before
+
+
+def write_version_1(model: metafew.AdaptedModel, path: Path, classifier_class: str | None = None) -> Path:
+    """``model`` in the layout metafew 0.1.0 wrote (model format version 1): nested learner state,
+    classifier attributes and ``backbone.``-named support BatchNorm statistics."""
+    from metafew.checkpoint import save_state
+
+    clf = model.classifier
+    state = {"learner": dict(model.learner.state_dict()), "classifier": {}}
+    for name in clf.saved:
+        value = getattr(clf, name)
+        state["classifier"][name] = value if isinstance(value, torch.Tensor) or value is None else value.as_dict()
+    record = {
+        "model_format": "metafew-adapted-model", "model_format_version": 1, "method": model.method,
+        "options": model.options, "classes": model.classes, "preprocessing": model.preprocessing.to_dict(),
+        "backbone": model.backbone_info, "support": model.support, "report": None, "temperature": model.temperature,
+        "classifier_class": classifier_class or f"{type(clf).__module__}:{type(clf).__qualname__}",
+        "query_bn": "support" if clf.bn_stats is not None else "batch",
+    }  # fmt: skip
+    if clf.bn_stats is not None:
+        state["bn_stats"] = {f"backbone.{k}": {"mean": m, "var": v} for k, (m, v) in clf.support_stats().items()}
+    return save_state(state, path, record)
+
+
+@pytest.mark.parametrize("method", ["protonet", "maml"])
+def test_version_1_model_files_load_or_fail_naming_versions(method: str, backbone_ckpt: Path, folder: Path, tmp_path: Path) -> None:
+    model = metafew.adapt(folder, backbone_ckpt, method=method, shots=3, eval_draws=2, device="cpu")
+    files = sorted((folder / "pneumonia").glob("*.png"))[:4]
+    old = metafew.load(write_version_1(model, tmp_path / "v1.safetensors"), device="cpu")
+    assert old.temperature == model.temperature and type(old.classifier) is type(model.classifier)
+    assert torch.equal(old.predict_proba(files), model.predict_proba(files))
+    bad = write_version_1(model, tmp_path / "odd.safetensors", classifier_class="metafew.learners.gone:GoneClassifier")
+    with pytest.raises(CheckpointError) as e:
+        metafew.load(bad)
+    message = str(e.value)
+    assert "\n" not in message and str(bad) in message and "format version 1" in message
+    assert f"this metafew {metafew.__version__} reads versions 1, 2" in message
+
+
+def test_adapted_model_is_classifier_plus_preprocessing(backbone_ckpt: Path, folder: Path) -> None:
+    model = metafew.adapt(folder, backbone_ckpt, method="maml", shots=3, eval_draws=0, device="cpu")
+    assert isinstance(model.classifier, torch.nn.Module) and model.classifier.bn.name == "transductive"
+    assert model.classifier.bn_stats is not None  # support statistics: one image at a time
+    x = model.preprocessing(torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8))
+    assert torch.equal(model.logits(x), model.classifier(x).detach() / model.temperature)

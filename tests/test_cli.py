@@ -42,9 +42,22 @@ def test_help(command, capsys):
     out = capsys.readouterr().out
     assert "usage: metafew" in out
     if command:
-        assert "--device" in out and "--seed" in out and "--data-root" in out
+        honoured = {"data": {"--data-root"}, "predict": {"--device"}}.get(command, set(COMMON_FLAGS))
+        shown = {flag for flag in COMMON_FLAGS if flag in out}
+        assert shown == honoured, f"{command} shows {sorted(shown)}, honours {sorted(honoured)}"
         if command != "data":
             assert "examples:" in out or command in ("adapt", "predict")
+
+
+COMMON_FLAGS = ("--device", "--seed", "--data-root", "--amp", "--no-progress")
+
+
+@pytest.mark.parametrize("argv", [["data", "info", "omniglot", "--seed", "3"], ["data", "info", "omniglot", "--amp", "bf16"],
+                                  ["predict", "--model", "x.model", "y/", "--data-root", "z"]])
+def test_a_command_refuses_options_it_would_ignore(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
 
 
 def test_no_command_prints_help(capsys):

@@ -357,3 +357,73 @@ def test_meta_loss_never_syncs_with_the_host_on_cuda(sampler):
         finally:
             torch.cuda.set_sync_debug_mode(0)
         assert loss.device.type == "cuda" and acc.device.type == "cuda"
+
+
+# -- adapted classifiers are modules; the BatchNorm policy object decides ------------------------
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_adapted_classifier_state_dict_round_trips(name, backbone, sampler, tmp_path):
+    from metafew.checkpoint import load_state, save_state
+
+    episode = sampler.sample()
+    classifier = create(name, backbone, **OPTIONS[name]).adapt(episode.support_x, episode.support_y)
+    assert isinstance(classifier, torch.nn.Module)
+    path = save_state(classifier.state_dict(), tmp_path / "classifier.safetensors")
+    torch.manual_seed(123)  # a fresh learner on other random weights: everything comes from the file
+    fresh = create(name, create_backbone("conv4", in_channels=1, image_size=28, hidden=8), **OPTIONS[name])
+    state, _ = load_state(path)
+    rebuilt = fresh.classifier_type.from_state_dict(fresh, state)
+    assert type(rebuilt) is type(classifier)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(episode.query_x), classifier(episode.query_x))
+
+
+def test_transductive_classifier_with_support_statistics_is_batch_independent(backbone, sampler):
+    from metafew.learners.bn import Transductive
+
+    episode = sampler.sample()
+    learner = MAML(backbone, n_way=N_WAY, test_inner_steps=2)
+    deployed = learner.adapt(episode.support_x, episode.support_y, bn=Transductive(support_statistics=True))
+    batch_bn = learner.adapt(episode.support_x, episode.support_y)
+    assert deployed.bn_stats is not None and batch_bn.bn_stats is None
+    q = episode.query_x
+    with torch.no_grad():
+        together = deployed(q)
+        alone = torch.cat([deployed(q[i : i + 1]) for i in range(len(q))])
+        torch.testing.assert_close(alone, together, rtol=1e-4, atol=1e-5)
+        assert torch.equal(alone.argmax(-1), together.argmax(-1))
+        # With batch statistics (MAML's original test-time BatchNorm) one image alone is another input.
+        assert not torch.allclose(batch_bn(q[:1]), batch_bn(q)[:1], atol=1e-3)
+
+
+def test_the_bn_policy_object_decides(backbone, sampler):
+    from metafew.learners.bn import Frozen, Transductive
+
+    episode = sampler.sample()
+    with torch.no_grad():
+        backbone.train()(episode.query_x * 2 + 1)  # running statistics unlike the support images'
+    backbone.eval()
+    before = {k: v.clone() for k, v in backbone.named_buffers()}
+    learner = ProtoNet(backbone)
+    sx, sy, q = episode.support_x, episode.support_y, episode.query_x
+    frozen = learner.adapt(sx, sy)
+    adabn = learner.adapt(sx, sy, bn=Frozen(reestimate=True))
+    with torch.no_grad():
+        assert not torch.allclose(frozen(q), adabn(q))
+        # AdaBN's statistics are exactly those a re-estimation of the running statistics gives.
+        import copy
+
+        reference = copy.deepcopy(backbone)
+        for m in reference.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.reset_running_stats()
+                m.momentum = None
+        reference.train()(sx)
+        expected = {k: v for k, v in reference.named_buffers() if k.endswith(("running_mean", "running_var"))}
+        stats = adabn.support_stats()
+        assert {f"{k}.running_{s}" for k in stats for s in ("mean", "var")} == set(expected)
+        assert all(torch.equal(stats[k][0], expected[f"{k}.running_mean"]) for k in stats)
+        learner.bn = Transductive()  # a policy set on the learner: batch statistics everywhere
+        transductive = learner.adapt(sx, sy)
+        assert learner.bn_policy == "transductive" and not torch.allclose(transductive(q[:1]), transductive(q)[:1], atol=1e-3)
+    for k, v in backbone.named_buffers():
+        assert torch.equal(v, before[k]), k  # no policy touched the backbone's own statistics

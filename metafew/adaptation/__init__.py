@@ -5,14 +5,30 @@ adapts, estimates how well the result classifies unseen images (``model.report``
 gives a model that predicts (``model.predict(paths)``), evaluates on a labelled set
 (``model.evaluate("pneumoniamnist")``) and saves to one file (``model.save(path)``,
 ``metafew.load(path)``).
+
+Modules, each importing only those before it: :mod:`.preprocess`, :mod:`.metrics`,
+:mod:`.outputs`, :mod:`.inputs` (backbone and data), :mod:`.estimate`, :mod:`.model`
+(:class:`AdaptedModel`, :func:`load`), :mod:`.core` (:func:`adapt`).
 """
 
-from .core import DEFAULT_OPTIONS, METHODS, adapt, resolve_backbone, resolve_data
+from typing import Any
+
+from . import core
+from .core import adapt, default_options, methods
 from .estimate import AdaptationReport, AdaptationWarning, Summary, estimate
+from .inputs import resolve_backbone, resolve_data
 from .metrics import Metrics
 from .model import MODEL_FORMAT_VERSION, AdaptedModel, Prediction, load
 from .outputs import OutputError, check_output
 from .preprocess import Preprocessing
+
+
+def __getattr__(name: str) -> Any:
+    """``METHODS`` / ``DEFAULT_OPTIONS``: read from the learner registry when asked for (see :mod:`.core`)."""
+    if name in ("METHODS", "DEFAULT_OPTIONS"):
+        return getattr(core, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "AdaptationReport",
@@ -28,8 +44,10 @@ __all__ = [
     "Summary",
     "adapt",
     "check_output",
+    "default_options",
     "estimate",
     "load",
+    "methods",
     "resolve_backbone",
     "resolve_data",
 ]

@@ -4,8 +4,8 @@ The steps, each one documented where it is done:
 
 1. the backbone (a checkpoint, or a module with its mean/std) fixes the preprocessing:
    channels, image size and normalisation (:mod:`.preprocess`);
-2. the labelled images (a ``root/<class>/<image>`` folder, a MedMNIST name or a
-   :class:`~metafew.data.FewShotDataset`) are decoded to that size and channel count;
+2. the labelled images (a ``root/<class>/<image>`` folder, a dataset name or a
+   :class:`~metafew.data.FewShotDataset`) are decoded to that size and channel count (:mod:`.inputs`);
 3. the honest estimate: ``eval_draws`` seeded support draws, each scored on the
    images not in its support (:mod:`.estimate`);
 4. the final model: the learner adapted to one more seeded draw of ``shots`` images
@@ -14,7 +14,6 @@ The steps, each one documented where it is done:
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,111 +22,35 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.base import FewShotDataset
+from ..data import FewShotDataset
 from ..device import resolve_device
-from ..backbones.registry import describe
-from ..errors import ConfigError, DatasetError, DatasetNotFoundError
-from .estimate import AdaptationReport, BNStats, Shots, adapt_on, draw_support, estimate, support_sizes
+from ..errors import ConfigError, DatasetError
+from ..learners import LEARNERS, available
+from ..learners import create as create_learner
+from ..seeding import derive_seed, generator
+from .estimate import AdaptationReport, BNStats, QueryBN, Shots, adapt_on, deployment_policy, draw_support, estimate, support_sizes
+from .inputs import resolve_backbone, resolve_data
 from .model import AdaptedModel
-from .predictor import QueryBN, derive_seed
-from .preprocess import Preprocessing
-
-METHODS = ("protonet", "maml", "finetune")
-
-#: Learner options used unless given. MAML: a backbone checkpoint carries no meta-learned
-#: head, so the head starts from the support prototypes (Proto-MAML, Triantafillou et al.
-#: 2020) instead of zero. The step sizes were chosen on PneumoniaMNIST's *validation*
-#: split (see benchmarks/medical.py), never on a test split.
-DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
-    "protonet": {},
-    "maml": {"head_init": "prototypes", "test_inner_lr": 0.01, "test_inner_steps": 10},
-    "finetune": {},
-}
 
 
-# -- the backbone ----------------------------------------------------------------------
+def methods() -> tuple[str, ...]:
+    """The registered learners :func:`adapt` offers: those declaring ``adapt_defaults``."""
+    return tuple(n for n in available() if getattr(LEARNERS.get(n), "adapt_defaults", None) is not None)
 
 
-def resolve_backbone(
-    backbone: str | os.PathLike[str] | nn.Module,
-    *,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    device: torch.device,
-) -> tuple[nn.Module, Preprocessing, dict[str, Any]]:
-    """(module on ``device`` in eval mode, its preprocessing, a JSON description to save)."""
-    if isinstance(backbone, (str, os.PathLike)):
-        from ..checkpoint import load_backbone
-
-        module, rec = load_backbone(backbone, device=device)
-        prep = Preprocessing(rec.in_channels, tuple(rec.image_size), tuple(rec.mean), tuple(rec.std))  # type: ignore[arg-type]
-        info = {
-            "arch": rec.arch,
-            "options": rec.options,
-            "checkpoint": str(Path(backbone).expanduser()),
-            "pretrained_on": rec.dataset,
-            "pretrained_classes": len(rec.classes) if rec.classes else None,
-        }
-        if mean is not None or std is not None:
-            prep = Preprocessing(prep.channels, prep.image_size, _floats(mean, prep.mean), _floats(std, prep.std))
-        return module, prep, info
-    if not isinstance(backbone, nn.Module):
-        raise ConfigError(f"backbone must be a checkpoint path or an nn.Module, got {type(backbone).__name__}")
-    arch, channels, size = describe(backbone, "adapt")
-    if mean is None or std is None:
-        raise ConfigError(
-            "a backbone module needs mean= and std=: the normalisation it was trained with "
-            "(a checkpoint records them)"
-        )
-    module = copy.deepcopy(backbone).to(device).eval()  # the caller's module is left where it is
-    prep = Preprocessing(channels, size, _floats(mean, ()), _floats(std, ()))
-    info = {"arch": arch, "options": dict(getattr(backbone, "options", None) or {}), "checkpoint": None, "pretrained_on": None}
-    return module, prep, info
+def default_options(method: str) -> dict[str, Any]:
+    """Learner options :func:`adapt` uses unless given (the learner's ``adapt_defaults``)."""
+    return dict(getattr(LEARNERS.get(method), "adapt_defaults", None) or {})
 
 
-def _floats(values: Sequence[float] | None, default: Sequence[float]) -> tuple[float, ...]:
-    return tuple(float(v) for v in (values if values is not None else default))
-
-
-# -- the data --------------------------------------------------------------------------
-
-
-def resolve_data(
-    data: FewShotDataset | str | os.PathLike[str],
-    prep: Preprocessing,
-    *,
-    skip_bad: bool = False,
-    split: str = "train",
-    root: str | os.PathLike[str] | None = None,
-) -> FewShotDataset:
-    """A labelled dataset from a FewShotDataset, an image folder, or a dataset name.
-
-    A folder is decoded by :func:`metafew.data.ImageFolder` directly at the backbone's
-    channels and image size (cover-resize and center-crop, so large images never sit
-    in memory at full size). A name is a MedMNIST dataset (``"pneumoniamnist"``, or
-    ``"pneumoniamnist:test"`` for another split than ``split``).
-    """
-    if isinstance(data, FewShotDataset):
-        return data
-    if not isinstance(data, (str, os.PathLike)):
-        raise DatasetError(f"data must be a folder, a dataset name or a FewShotDataset, got {type(data).__name__}")
-    path = Path(data).expanduser()
-    if path.exists():
-        from ..data.image_folder import ImageFolder
-
-        return ImageFolder(path, image_size=prep.image_size, channels=prep.channels, on_error="skip" if skip_bad else "raise")
-    from ..data.medmnist import MEDMNIST_INFO, MedMNIST
-
-    name, _, sub = str(data).partition(":")
-    if name.lower() in MEDMNIST_INFO:
-        return MedMNIST(name.lower(), sub or split, root=root)
-    looks_like_path = os.sep in str(data) or str(data).startswith((".", "~"))
-    if looks_like_path:
-        raise DatasetNotFoundError(f"image folder not found: {path}")
-    raise DatasetNotFoundError(
-        f"{data!r} is neither an existing folder nor a MedMNIST dataset name "
-        f"({', '.join(sorted(n for n in MEDMNIST_INFO if n != 'chestmnist'))})"
-    )
+def __getattr__(name: str) -> Any:
+    """``METHODS`` and ``DEFAULT_OPTIONS``, read from the learner registry when asked for
+    (not at import, so that a broken learner plug-in never breaks ``import metafew``)."""
+    if name == "METHODS":
+        return methods()
+    if name == "DEFAULT_OPTIONS":
+        return {m: default_options(m) for m in methods()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -- adapt -----------------------------------------------------------------------------
@@ -157,12 +80,13 @@ def adapt(
     """Adapt a pretrained backbone to a few labelled images per class, with an honest estimate.
 
     Args:
-        data: a ``root/<class>/<image>`` folder, a MedMNIST name (its train split is the
+        data: a ``root/<class>/<image>`` folder, a dataset name (its train split is the
             labelled pool: ``"pneumoniamnist"``), or a FewShotDataset.
         backbone: a backbone checkpoint (:func:`metafew.checkpoint.save_backbone`), or a
             module from :func:`metafew.backbones.create` with ``mean``/``std``.
         method: ``"protonet"`` (class-mean prototypes), ``"maml"`` (a few SGD steps of the
-            whole network from Proto-MAML's head) or ``"finetune"`` (a new linear head).
+            whole network from Proto-MAML's head), ``"finetune"`` (a new linear head), or
+            any registered learner declaring ``adapt_defaults`` (:func:`methods`).
         shots: support images per class for the final model (a class with fewer uses all of
             them, with a warning), or ``"all"``: every image.
         eval_draws: support draws of the estimate (0: no estimate). 20 by default, which
@@ -188,10 +112,18 @@ def adapt(
 
     Returns:
         An :class:`AdaptedModel`; ``model.report`` holds the estimate.
+
+    >>> import metafew, torch
+    >>> images = torch.randint(0, 256, (12, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    >>> data = metafew.FewShotDataset("toy", [0] * 6 + [1] * 6, ["a", "b"], images, channels=1, image_size=(28, 28))
+    >>> backbone = metafew.create_backbone("conv4", in_channels=1, image_size=28)
+    >>> model = metafew.adapt(data, backbone, mean=[0.5], std=[0.25], shots=2, eval_draws=2, device="cpu")
+    >>> model.classes, model.report.draws, len(model.predict(images[:3]))
+    (['a', 'b'], 2, 3)
     """
     method = method.lower()
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method not in methods():
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(methods())}")
     if not isinstance(eval_draws, int) or eval_draws < 0:
         raise ConfigError(f"eval_draws must be a non-negative integer, got {eval_draws!r}")
     if bn_stats not in ("support", "backbone"):
@@ -207,9 +139,7 @@ def adapt(
         raise DatasetError(f"{ds.name}: cannot convert {ds.channels}-channel images to the backbone's {prep.channels}")
     support_sizes(ds.class_counts().tolist(), shots, ds.classes)  # validates shots before any work
 
-    from ..learners import create as create_learner
-
-    opts = {**DEFAULT_OPTIONS[method], **options}
+    opts = {**default_options(method), **options}
     learner = create_learner(method, module, **opts).to(dev).eval()
     images, labels = ds.images, ds.labels
     report = estimate(
@@ -219,11 +149,9 @@ def adapt(
     )  # fmt: skip
 
     _, final_k, _ = support_sizes(ds.class_counts().tolist(), shots, ds.classes)
-    gen = torch.Generator().manual_seed(derive_seed(seed, "final"))
-    support, _ = draw_support(labels, final_k, gen)
-    predictor = adapt_on(learner, images, labels, support, prep, dev, derive_seed(seed, "adapt-final"), query_bn, bn_stats)
-    if calibrate and report.temperature is not None:
-        predictor.temperature = report.temperature
+    support, _ = draw_support(labels, final_k, generator(seed, "final"))
+    bn = deployment_policy(learner, bn_stats, query_bn)
+    classifier = adapt_on(learner, images, labels, support, prep, dev, derive_seed(seed, "adapt-final"), bn)
     folder = Path(data).expanduser().resolve() if isinstance(data, (str, os.PathLike)) and Path(data).expanduser().is_dir() else None
     support_record = {
         "data": ds.name,
@@ -234,9 +162,9 @@ def adapt(
         "bn_stats": bn_stats,
     }
     return AdaptedModel(
-        learner,
-        predictor,
+        classifier,
         classes=ds.classes,
+        temperature=report.temperature if calibrate and report.temperature is not None else 1.0,
         preprocessing=prep,
         method=method,
         options=opts,
@@ -247,4 +175,4 @@ def adapt(
     )
 
 
-__all__ = ["adapt", "resolve_data", "resolve_backbone", "AdaptationReport", "METHODS", "DEFAULT_OPTIONS"]
+__all__ = ["adapt", "default_options", "methods", "resolve_data", "resolve_backbone", "AdaptationReport"]

@@ -33,17 +33,20 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
+import torch.nn.functional as F
+from torch import Tensor
 
 from ..errors import DatasetError
+from ..learners import Classifier, Learner
+from ..learners.bn import BNPolicy
+from ..seeding import derive_seed, generator, seeded
 from .metrics import Metrics, compute_metrics, mean_ci95, plot_confusion
 from .outputs import REPORT_FORMAT, check_output, write_text
-from .predictor import Predictor, QueryBN, derive_seed, fit, fit_temperature
 from .preprocess import Preprocessing
 
 Shots = int | str  # an int K, or "all"
 BNStats = Literal["support", "backbone"]
+QueryBN = Literal["support", "batch"]
 HOLDOUT_FRACTION = 0.2
 MAX_CALIBRATION = 50_000  # held-out predictions kept to fit the temperature
 
@@ -100,68 +103,51 @@ def draw_support(labels: Tensor, sizes: Sequence[int], gen: torch.Generator) -> 
 # -- running classifiers over many images ----------------------------------------------
 
 
+@torch.no_grad()
 def predict_logits(
-    predictor: Predictor, images: Tensor, prep: Preprocessing, device: torch.device, batch_size: int = 256
+    logits: Callable[[Tensor], Tensor], images: Tensor, prep: Preprocessing, device: torch.device, batch_size: int = 256
 ) -> Tensor:
-    """Logits ``[M, N]`` (on the CPU) of uint8/float images ``[M, C, H, W]``, preprocessed in chunks on the device."""
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = prep(images[start : start + batch_size], device)
-        out.append(predictor.logits(x).cpu())
-    if not out:
-        return torch.empty(0, 0)
-    return torch.cat(out)
+    """``logits(x)`` (float32, on the CPU) of uint8/float images ``[M, C, H, W]``, preprocessed in chunks on the device."""
+    out = [logits(prep(images[i : i + batch_size], device)).float().cpu() for i in range(0, len(images), batch_size)]
+    return torch.cat(out) if out else torch.empty(0, 0)
+
+
+def deployment_policy(learner: Learner, bn_stats: BNStats = "support", query_bn: QueryBN = "support") -> BNPolicy:
+    """The learner's BatchNorm policy as :func:`metafew.adapt` uses it (see its ``bn_stats``/``query_bn``)."""
+    return learner.bn.deployed(bn_stats=bn_stats, query_bn=query_bn)
 
 
 def adapt_on(
-    learner: nn.Module,
-    images: Tensor,
-    labels: Tensor,
-    index: Tensor,
-    prep: Preprocessing,
-    device: torch.device,
-    seed: int,
-    query_bn: QueryBN,
-    bn_stats: BNStats = "support",
-) -> Predictor:
-    """Adapt ``learner`` to the support images ``images[index]`` (labels ``labels[index]``).
-
-    ``bn_stats="support"``: for learners with frozen BatchNorm (ProtoNet, fine-tuning),
-    first re-estimate the backbone's BatchNorm statistics on the support images (see
-    :func:`reestimate_bn`); ``"backbone"`` keeps those of pretraining.
-    """
+    learner: Learner, images: Tensor, labels: Tensor, index: Tensor, prep: Preprocessing,
+    device: torch.device, seed: int, bn: BNPolicy,
+) -> Classifier:  # fmt: skip
+    """``learner.adapt`` (in eval mode, under a seeded RNG that leaves the caller's alone) to the
+    support images ``images[index]``, BatchNorm as ``bn`` says (e.g. statistics of the support set)."""
     x = prep(images[index], device)
     y = labels[index].to(device)
-    if bn_stats == "support" and getattr(learner, "bn_policy", "frozen") == "frozen":
-        reestimate_bn(learner.backbone, x)  # type: ignore[arg-type]
-    classifier = fit(learner, x, y, seed)
-    return Predictor.build(learner, classifier, x, query_bn)
+    learner.eval()
+    with seeded(seed, x.device):
+        return learner.adapt(x, y, bn=bn)
 
 
-@torch.no_grad()
-def reestimate_bn(backbone: nn.Module, x: Tensor) -> None:
-    """Replace every BatchNorm's running statistics by those of the images ``x`` (AdaBN, Li et al. 2016).
+def fit_temperature(logits: Tensor, labels: Tensor) -> float:
+    """The temperature ``T`` minimising the cross-entropy of ``logits / T`` (temperature scaling, Guo et al. 2017).
 
-    A backbone pretrained on other images (handwritten characters, photos) normalises
-    X-rays with statistics that do not fit them; re-estimating them on the target images
-    (no labels used) is what transductive-BatchNorm MAML does implicitly. Only the
-    support images are used, so the estimate stays honest. Weights are not touched.
+    A 1-D search over log T; it never changes the predicted class. Prototype distances of
+    a pretrained backbone otherwise often become near-certain 0/1 probabilities.
     """
-    bns = [m for m in backbone.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-    if not bns:
-        return
-    momenta = [m.momentum for m in bns]
-    was_training = backbone.training
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average: exactly the statistics of this one batch
-    backbone.train()
-    try:
-        backbone(x)
-    finally:
-        backbone.train(was_training)
-        for m, momentum in zip(bns, momenta):
-            m.momentum = momentum
+    z = logits.double()
+    y = labels.long()
+    if len(y) == 0 or z.shape[1] < 2:
+        return 1.0
+
+    def nll(log_t: Tensor) -> Tensor:  # [G] -> mean cross-entropy at each temperature
+        return torch.stack([F.cross_entropy(z / t.exp(), y) for t in log_t])
+
+    grid = torch.linspace(-7.0, 7.0, 141, dtype=torch.float64)  # T from 1e-3 to 1e3
+    best = float(grid[nll(grid).argmin()])
+    fine = torch.linspace(best - 0.1, best + 0.1, 41, dtype=torch.float64)
+    return float(fine[nll(fine).argmin()].exp())
 
 
 # -- the report ----------------------------------------------------------------------
@@ -272,7 +258,7 @@ def _f(x: float | None) -> str:
 
 
 def estimate(
-    learner: nn.Module,
+    learner: Learner,
     images: Tensor,
     labels: Tensor,
     classes: Sequence[str],
@@ -295,7 +281,7 @@ def estimate(
     """Score ``draws`` seeded support draws of ``images``/``labels`` (the labelled pool).
 
     Args:
-        learner: the learner to adapt (on its backbone's device).
+        learner: the learner to adapt (on its backbone's device; left unchanged).
         images: uint8 ``[N, C, H, W]`` pool; labels ``[N]``; classes: names.
         prep: the backbone's preprocessing.
         test: ``(images, labels, name)`` of a separate labelled test set to score every
@@ -303,8 +289,8 @@ def estimate(
         max_eval: score at most this many held-out images per draw (a seeded random
             subset), which keeps large pools fast; None: all.
         progress: called as ``progress(done, total)`` after every draw.
-        bn_stats: ``"support"`` re-estimates BatchNorm statistics on each draw's support
-            images (frozen-BatchNorm learners); ``"backbone"`` keeps pretraining's.
+        bn_stats, query_bn: BatchNorm statistics, as :func:`metafew.adapt` documents them;
+            the learner's policy object applies them (:meth:`BNPolicy.deployed`).
         calibrate: fit a softmax temperature to the held-out predictions of all draws
             (``report.temperature``; not with ``test``, which must stay unseen).
     """
@@ -329,19 +315,18 @@ def estimate(
         draws_run = 0
     else:
         draws_run = draws
+    bn = deployment_policy(learner, bn_stats, query_bn)
     for i in range(draws_run):
-        gen = torch.Generator().manual_seed(derive_seed(seed, f"draw-{i}"))
+        gen = generator(seed, f"draw-{i}")
         support, held = draw_support(labels, draw_k, gen)
-        predictor = adapt_on(
-            learner, images, labels, support, prep, device, derive_seed(seed, f"adapt-{i}"), query_bn, bn_stats
-        )
+        classifier = adapt_on(learner, images, labels, support, prep, device, derive_seed(seed, f"adapt-{i}"), bn)
         if test is None:
             if max_eval is not None and len(held) > max_eval:
                 held = held[torch.randperm(len(held), generator=gen)[:max_eval]]
             x_eval, y_eval = images[held], labels[held]
         else:
             x_eval, y_eval = test[0], test[1]
-        logits = predict_logits(predictor, x_eval, prep, device, batch_size)
+        logits = predict_logits(classifier, x_eval, prep, device, batch_size)
         m = compute_metrics(logits.log_softmax(-1), y_eval, classes)
         if test is None and kept < MAX_CALIBRATION:
             held_logits.append(logits[: MAX_CALIBRATION - kept])
@@ -354,7 +339,7 @@ def estimate(
         )
         if progress is not None:
             progress(i + 1, draws_run)
-        del predictor
+        del classifier
     totals = total_conf.sum(1)
     recall = {
         classes[c]: (float(total_conf[c, c] / totals[c]) if totals[c] else None) for c in range(len(classes))

@@ -1,13 +1,14 @@
-"""An adapted model: predict, evaluate, save and load.
+"""An adapted model: a classifier with its preprocessing, class names, temperature and report.
 
-Model file (``model_format_version`` 1): one safetensors file written with
-:func:`metafew.checkpoint.save_state` (atomic). Tensors: the learner's state (the
-backbone weights, and any learner parameter), the adapted classifier's state
-(prototypes, a trained head, or MAML's adapted parameters) and, for transductive
-learners, the recorded support BatchNorm statistics. Record: ``model_format``
-(``"metafew-adapted-model"``), ``model_format_version``, the metafew version, method
-and options, class names, preprocessing (channels, image size, mean, std), the
-backbone's architecture and provenance, the support images used, and the estimate.
+Model file: one safetensors file written with :func:`metafew.checkpoint.save_state`
+(atomic). ``model_format_version`` 2: the tensors are the classifier's ``state_dict()``
+under its own names (``learner.backbone.*``, ``prototypes``, ``params.*``, ``head.*``,
+``bn_stats.*``); the record holds ``model_format`` (``"metafew-adapted-model"``), the
+version, the metafew version, method and learner options (to rebuild the learner),
+the classifier type, the BatchNorm policy, class names, preprocessing, temperature,
+the backbone's architecture and provenance, the support images used, and the estimate.
+Version 1 files (metafew 0.1.0: learner state, classifier attributes and BatchNorm
+statistics as nested tensors) are read too.
 """
 
 from __future__ import annotations
@@ -20,18 +21,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..data.base import FewShotDataset
+from ..backbones import create as create_backbone
+from ..checkpoint import _existing_path, check_state_dict, checkpoint_path, load_state, save_state
+from ..data import FewShotDataset
 from ..device import resolve_device
 from ..errors import CheckpointError, DatasetError
+from ..learners import Classifier
+from ..learners import create as create_learner
 from .estimate import AdaptationReport, predict_logits
+from .inputs import resolve_data
 from .metrics import Metrics, compute_metrics
 from .outputs import MODEL_FORMAT, check_output
-from .predictor import Predictor
 from .preprocess import Preprocessing, read_inputs, stack_for
 
-MODEL_FORMAT_VERSION = 1
+MODEL_FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclass
@@ -50,17 +56,20 @@ class Prediction:
 class AdaptedModel:
     """A classifier adapted from a few labelled images per class, on a pretrained backbone.
 
-    Made by :func:`metafew.adapt` or :func:`metafew.load`. ``report`` holds the estimate
-    of its accuracy (None when it was loaded from a file saved without one).
+    Made by :func:`metafew.adapt` or :func:`metafew.load`: ``classifier`` (an
+    ``nn.Module``, query images to logits), the ``preprocessing`` its inputs get, the
+    ``classes`` (column order), the softmax ``temperature`` (fitted on the estimate's
+    held-out predictions; it never changes the predicted class) and ``report`` (the
+    estimate; None when loaded from a file saved without one).
     """
 
     def __init__(
         self,
-        learner: nn.Module,
-        predictor: Predictor,
+        classifier: Classifier,
         *,
         classes: Sequence[str],
         preprocessing: Preprocessing,
+        temperature: float = 1.0,
         method: str,
         options: dict[str, Any],
         backbone_info: dict[str, Any],
@@ -68,17 +77,22 @@ class AdaptedModel:
         support: dict[str, Any] | None = None,
         device: torch.device | None = None,
     ) -> None:
-        self.learner = learner
-        self.predictor = predictor
+        self.classifier = classifier.eval()
         self.classes = list(classes)
         self.preprocessing = preprocessing
+        self.temperature = float(temperature)
         self.method = method
         self.options = dict(options)
         self.backbone_info = dict(backbone_info)
         self.report = report
         self.support = dict(support or {})
-        self.device = device or next(iter(learner.parameters())).device
+        self.device = device or next(iter(classifier.parameters())).device
         self.metafew_version = _version()
+
+    @property
+    def learner(self) -> Any:
+        """The learner the classifier was adapted by (its backbone included)."""
+        return self.classifier.learner
 
     def __repr__(self) -> str:
         c, (h, w) = self.preprocessing.channels, self.preprocessing.image_size
@@ -90,9 +104,14 @@ class AdaptedModel:
     def to(self, device: str | torch.device) -> AdaptedModel:
         """Move the model to ``device`` ("auto": CUDA if available)."""
         self.device = resolve_device(device)
-        self.learner.to(self.device)
-        self.predictor.to(self.device)
+        self.classifier.to(self.device)
         return self
+
+    @torch.no_grad()
+    def logits(self, x: Tensor) -> Tensor:
+        """Float32 logits ``[M, N]`` of preprocessed images ``[M, C, H, W]``, divided by the temperature."""
+        out = self.classifier(x).float()
+        return out if self.temperature == 1.0 else out / self.temperature
 
     # -- prediction ----------------------------------------------------------------
     def _read(self, images: Any, skip_bad: bool) -> tuple[list[str | None], Tensor]:
@@ -113,7 +132,7 @@ class AdaptedModel:
 
     def _predict(self, images: Any, skip_bad: bool, batch_size: int) -> tuple[list[str | None], Tensor]:
         sources, x = self._read(images, skip_bad)
-        out = [self.predictor.logits(x[i : i + batch_size]).cpu() for i in range(0, len(x), batch_size)]
+        out = [self.logits(x[i : i + batch_size]).cpu() for i in range(0, len(x), batch_size)]
         return sources, torch.cat(out)
 
     def predict(self, images: Any, *, skip_bad: bool = False, batch_size: int = 256) -> list[Prediction]:
@@ -137,11 +156,9 @@ class AdaptedModel:
         name such as ``"pneumoniamnist"`` (its ``split``, default the official test split;
         ``"pneumoniamnist:val"`` also works). Its class names must be among the model's.
         """
-        from .core import resolve_data
-
         ds = resolve_data(data, self.preprocessing, skip_bad=skip_bad, split=split)
         labels = self._map_labels(ds)
-        logits = predict_logits(self.predictor, ds.images, self.preprocessing, self.device, batch_size)
+        logits = predict_logits(self.logits, ds.images, self.preprocessing, self.device, batch_size)
         m = compute_metrics(logits.log_softmax(-1), labels, self.classes, intervals=True)
         missing = [c for c in self.classes if c not in ds.classes]
         if missing:
@@ -165,36 +182,33 @@ class AdaptedModel:
         Overwrites only an earlier metafew model file: any other existing file, and
         anything inside the folder the model was adapted on, is refused (OutputError).
         """
-        from ..checkpoint import checkpoint_path, save_state
-
         protect = Path(self.support["folder"]) if self.support.get("folder") else None
         check_output(path, "model", protect=protect)  # a folder is refused before a suffix is added
         p = check_output(checkpoint_path(path), "model", protect=protect)
-        tensors, clf_record = self.predictor.state()
-        state = {"learner": dict(self.learner.state_dict()), **tensors}
         record = {
             "model_format": MODEL_FORMAT,
             "model_format_version": MODEL_FORMAT_VERSION,
             "method": self.method,
             "options": self.options,
+            "classifier": type(self.classifier).__name__,
+            "bn": self.classifier.bn.describe(),
             "classes": self.classes,
             "preprocessing": self.preprocessing.to_dict(),
+            "temperature": self.temperature,
             "backbone": self.backbone_info,
             "support": self.support,
             "report": None if self.report is None else self.report.to_dict(),
             "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            **clf_record,
         }
-        return save_state(state, p, record)
+        return save_state(dict(self.classifier.state_dict()), p, record)
 
 
 def load(path: str | os.PathLike[str], *, device: str | torch.device = "auto") -> AdaptedModel:
-    """Load a model saved by :meth:`AdaptedModel.save`; CheckpointError (one line) if it is not one,
-    or was written in another model format version."""
-    from ..backbones import create as create_backbone
-    from ..checkpoint import _existing_path, check_state_dict, load_state
-    from ..learners import create as create_learner
+    """Load a model saved by :meth:`AdaptedModel.save` (format version 1 or 2).
 
+    A file that is not an adapted model, or that this metafew cannot read, is a
+    one-line CheckpointError naming the file, its format version and this metafew's.
+    """
     dev = resolve_device(device)
     p = _existing_path(path)
     state, record = load_state(p, "cpu")
@@ -202,34 +216,43 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "auto") -
         what = record.get("arch") and "a backbone checkpoint" or "a metafew checkpoint"
         raise CheckpointError(f"{p} is {what}, not an adapted model (make one with `metafew adapt`)")
     version = record.get("model_format_version")
-    if version != MODEL_FORMAT_VERSION:
+
+    def unreadable(why: str) -> CheckpointError:
         by = record.get("metafew_version", "another version")
-        hint = "upgrade metafew" if isinstance(version, int) and version > MODEL_FORMAT_VERSION else "adapt it again"
-        raise CheckpointError(
-            f"{p} is an adapted model in format version {version} (written by metafew {by}); "
-            f"this metafew {_version()} reads version {MODEL_FORMAT_VERSION}: {hint}"
+        newer = isinstance(version, int) and version > MODEL_FORMAT_VERSION
+        return CheckpointError(
+            f"{p} is an adapted model in format version {version} (written by metafew {by}); this metafew "
+            f"{_version()} reads versions {', '.join(map(str, READABLE_VERSIONS))}{why}: "
+            + ("upgrade metafew" if newer else "adapt it again")
         )
+
+    if version not in READABLE_VERSIONS:
+        raise unreadable("")
     try:
         prep = Preprocessing.from_dict(record["preprocessing"])
         bb = record["backbone"]
         backbone = create_backbone(bb["arch"], in_channels=prep.channels, image_size=prep.image_size, **(bb.get("options") or {}))
         learner = create_learner(record["method"], backbone, **(record.get("options") or {}))
-    except (KeyError, TypeError, ValueError) as e:
+        if version == 1:
+            state = _state_from_v1(state, record, learner.classifier_type.__name__)
+            temperature = float(record.get("temperature", 1.0))
+        else:
+            temperature = float(record["temperature"])
+    except CheckpointError as e:
+        raise unreadable(f" ({e})") from e
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{p}: incomplete or inconsistent model record ({type(e).__name__}: {e})") from e
-    learner_state = state.get("learner") if isinstance(state, dict) else None
-    if not isinstance(learner_state, dict):
-        raise CheckpointError(f"{p}: the model file has no learner weights")
-    check_state_dict(learner, learner_state, str(p))
-    learner.load_state_dict(learner_state, strict=True)
-    learner.to(dev).eval()
-    tensors = {k: v for k, v in state.items() if k != "learner"}
-    predictor = Predictor.from_state(learner, tensors, record, str(p)).to(dev)
+    check_state_dict(learner, {k[len("learner.") :]: v for k, v in state.items() if k.startswith("learner.")}, str(p))
+    try:
+        classifier = learner.classifier_type.from_state_dict(learner, state)
+    except CheckpointError as e:
+        raise (unreadable(f" ({e})") if version == 1 else CheckpointError(f"{p}: {e}")) from e
     report = AdaptationReport.from_dict(record["report"]) if record.get("report") else None
     model = AdaptedModel(
-        learner,
-        predictor,
+        classifier.to(dev),
         classes=record["classes"],
         preprocessing=prep,
+        temperature=temperature,
         method=record["method"],
         options=record.get("options") or {},
         backbone_info=bb,
@@ -241,10 +264,36 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "auto") -
     return model
 
 
+def _state_from_v1(state: Any, record: dict[str, Any], classifier: str) -> dict[str, Tensor]:
+    """A version-1 file's nested state as the version-2 ``state_dict`` of ``classifier``.
+
+    Version 1 held ``{"learner": state_dict, "classifier": {attribute: tensor or dict},
+    "bn_stats": {"backbone.<layer>": {"mean", "var"}}}``; the attributes were named as
+    the version-2 buffers are.
+    """
+    saved = str(record.get("classifier_class", "")).rpartition(":")[2]
+    if saved != classifier:
+        raise CheckpointError(f"its classifier type {saved or 'is unknown'!r} is not this learner's {classifier!r}")
+    if not isinstance(state, dict) or not isinstance(state.get("learner"), dict):
+        raise CheckpointError("it has no learner weights")
+    flat = {f"learner.{k}": v for k, v in state["learner"].items()}
+    for name, value in (state.get("classifier") or {}).items():
+        if isinstance(value, Tensor):
+            flat[name] = value
+        elif isinstance(value, dict):
+            flat.update({f"{name}.{k}": v for k, v in value.items()})
+        elif value is not None:
+            raise CheckpointError(f"its classifier attribute {name!r} is a {type(value).__name__}")
+    for layer, mv in (state.get("bn_stats") or {}).items():
+        layer = layer.removeprefix("backbone.")
+        flat[f"bn_stats.{layer}.mean"], flat[f"bn_stats.{layer}.var"] = mv["mean"], mv["var"]
+    return flat
+
+
 def _version() -> str:
-    from .. import __version__
+    from .. import __version__  # late: metafew/__init__ imports this package
 
     return __version__
 
 
-__all__ = ["AdaptedModel", "Prediction", "load", "MODEL_FORMAT_VERSION"]
+__all__ = ["AdaptedModel", "MODEL_FORMAT_VERSION", "Prediction", "load"]

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..registry import Registry
+from .weights import WEIGHTS
 
 BACKBONES: Registry[Callable[..., nn.Module]] = Registry("backbone", group="metafew.backbones")
 
@@ -33,8 +35,14 @@ def available() -> list[str]:
     return BACKBONES.names()
 
 
-def create(name: str, in_channels: int = 3, image_size: tuple[int, int] | int = 84, **options) -> nn.Module:
-    """Build a backbone by name; ``out_features`` is set for the given input size.
+def create(
+    name: str, in_channels: int | None = None, image_size: tuple[int, int] | int | None = None, **options: Any
+) -> nn.Module:
+    """Build a backbone by name; ``out_features`` is set for the given input size (default 3x84x84).
+
+    ``weights="<name>"`` loads a backbone shipped with metafew (``<name>-<arch>``, see
+    :func:`metafew.backbones.list_weights`); its image format comes with it. Other
+    ``weights`` values go to the architecture (the ResNets take ``"imagenet"`` or a path).
 
     >>> from metafew.backbones import create
     >>> backbone = create("conv4", in_channels=1, image_size=28)
@@ -43,6 +51,11 @@ def create(name: str, in_channels: int = 3, image_size: tuple[int, int] | int = 
     """
     factory = BACKBONES.get(name)
     name = name.lower()
+    weights = options.get("weights")
+    if isinstance(weights, str) and f"{weights.lower()}-{name}" in WEIGHTS:
+        return _shipped(name, weights.lower(), in_channels, image_size, {k: v for k, v in options.items() if k != "weights"})
+    in_channels = 3 if in_channels is None else in_channels
+    image_size = 84 if image_size is None else image_size
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     try:
         inspect.signature(factory).bind(in_channels=in_channels, image_size=size, **options)
@@ -63,14 +76,26 @@ def create(name: str, in_channels: int = 3, image_size: tuple[int, int] | int = 
     return model
 
 
+def _shipped(
+    name: str, weights: str, in_channels: int | None, image_size: tuple[int, int] | int | None, options: dict[str, Any]
+) -> nn.Module:
+    from ..checkpoint import load_backbone
+
+    entry = WEIGHTS.get(f"{weights}-{name}")
+    if not entry.available:
+        raise CheckpointError(f"pretrained backbone {entry.name!r} is declared but its file {entry.path} is missing; reinstall metafew")
+    if options:
+        raise ConfigError(f"backbone {name!r} with weights={weights!r}: options {sorted(options)} do not apply to shipped weights")
+    model, _ = load_backbone(entry.path, in_channels=in_channels, image_size=image_size, arch=name)
+    return model.train()
+
+
 def describe(model: nn.Module, action: str = "use") -> tuple[str, int, tuple[int, int]]:
     """``(name, in_channels, image_size)`` of a backbone made by :func:`create`.
 
     Raises CheckpointError naming the module otherwise: without them a backbone cannot be
     saved, rebuilt or matched to images.
     """
-    from ..errors import CheckpointError
-
     name = getattr(model, "name", None)
     channels = getattr(model, "in_channels", None)
     size = getattr(model, "image_size", None)

@@ -19,7 +19,8 @@ examples:
   metafew predict --model xray-model.safetensors new_images/ --out predictions.csv
 
 --data is a folder with one sub-folder of images per class (xrays/normal/*.png,
-xrays/pneumonia/*.png), or a MedMNIST name (its train split is the labelled pool).
+xrays/pneumonia/*.png), or a dataset name such as pneumoniamnist (its train split is
+the labelled pool).
 Images are converted to the backbone's channels and size (grayscale <-> RGB, resize
 and center-crop) and normalised with the backbone's statistics.
 
@@ -44,9 +45,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "result classifies images it has not seen, and save the model for `metafew predict`.",
         epilog=EPILOG,
     )
-    p.add_argument("--data", required=True, metavar="DIR|NAME", help="image folder root/<class>/<image>, or a MedMNIST name")
+    p.add_argument("--data", required=True, metavar="DIR|NAME", help="image folder root/<class>/<image>, or a dataset name")
     p.add_argument("--backbone", required=True, metavar="CKPT", help="pretrained backbone checkpoint (metafew pretrain)")
-    p.add_argument("--method", default="protonet", choices=["protonet", "maml", "finetune"], help="how to adapt")
+    from ..adaptation import methods
+
+    p.add_argument("--method", default="protonet", choices=methods(), help="how to adapt (a registered learner)")
     p.add_argument("--shots", default="5", metavar="K|all", help="support images per class, or 'all'")
     p.add_argument("--out", required=True, metavar="MODEL", help="model file to write (.safetensors)")
     p.add_argument("--draws", type=int, default=20, help="support draws of the estimate (100 for a report; 0: none)")

@@ -27,6 +27,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Show what a dataset holds (subsets, classes, images, image format, where it was found), "
         "or download it from its official source into the data root.",
         epilog=EPILOG,
+        common=("data_root",),
     )
     p.add_argument("action", choices=["info", "download"], help="info: describe the dataset; download: fetch it")
     p.add_argument("name", help="dataset name, e.g. omniglot, omniglot-lake, pneumoniamnist, caltech101, folder:PATH")

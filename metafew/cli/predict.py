@@ -30,6 +30,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="classify images with an adapted model",
         description="Predict the class of images (files or folders) with a model written by `metafew adapt`.",
         epilog=EPILOG,
+        common=("device",),
     )
     p.add_argument("--model", required=True, metavar="MODEL", help="model file from `metafew adapt`")
     p.add_argument("images", nargs="+", metavar="IMAGES|DIR", help="image files and/or folders")

@@ -26,6 +26,10 @@ from .registry import (
     register_dataset,
 )
 
+from ..registry import import_submodules
+
+import_submodules(__name__, __path__)  # a new dataset is one file in this folder: it registers its own spec
+
 __all__ = [
     "FewShotDataset",
     "Episode",

@@ -15,6 +15,9 @@ from .maml import MAML
 from .protonet import ProtoNet
 from .registry import LEARNERS, accepts, available, create, register_learner
 from .reptile import Reptile
+from ..registry import import_submodules
+
+import_submodules(__name__, __path__)  # a new learner is one file in this folder: its decorator registers it
 
 __all__ = [
     "Classifier", "FineTune", "LEARNERS", "Learner", "MAML", "ProtoNet", "Reptile",

@@ -12,41 +12,136 @@ or, one task at a time, with ``learner.adapt(support_x, support_y)(query_x)``.
 Learners never call ``.item()`` or otherwise wait on the device: tensors stay where
 the batch is, and losses and accuracies come back as tensors.
 
-BatchNorm policies (``Learner.bn_policy``):
+BatchNorm: each learner declares a policy object (``bn = Transductive()`` or
+``bn = Frozen()``, see :mod:`metafew.learners.bn`) and asks it, in every forward pass,
+which statistics to normalise with; ``learner.bn_policy`` is its name.
 
-* ``"transductive"`` (MAML, Reptile): BatchNorm always normalises with the statistics
-  of the batch it is given (the task's support images while adapting, the query
-  images when predicting), in meta-training and at test time, as in the original
-  MAML and Reptile code. Running statistics are never read nor updated by these
-  learners (see :func:`batch_stats_bn`).
-* ``"frozen"`` (ProtoNet, FineTune): BatchNorm follows the module's mode during
-  meta-training (train mode: batch statistics, running statistics updated), and
-  uses the running statistics at adaptation and evaluation (eval mode), so test
-  images never change them.
+What ``adapt`` returns is a :class:`Classifier`, an ``nn.Module``: its adapted state
+(prototypes, a head, adapted weights, support BatchNorm statistics) lives in buffers,
+so ``classifier.state_dict()`` plus the learner's construction options rebuild it
+(:meth:`Classifier.from_state_dict`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import ClassVar, Protocol, runtime_checkable
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..data.episodes import EpisodeBatch
 from ..device import autocast
+from ..errors import CheckpointError
+from .bn import BNPolicy, Frozen, Stats, batch_norm_explicit, batch_stats_bn
 
 
-@runtime_checkable
-class Classifier(Protocol):
-    """What :meth:`Learner.adapt` returns: a function from query images to logits."""
+class Tensors(nn.Module):
+    """Named tensors as buffers, nested along the dots of their names (``"backbone.0.weight"``).
 
-    def __call__(self, query_x: Tensor) -> Tensor:  # [M, C, H, W] -> logits [M, N]
-        ...
+    So a classifier's ``state_dict`` keeps the names of the tensors it adapted, they
+    move with ``.to()``, and ``tensors["head.weight"]`` reads one back.
+    """
+
+    def __init__(self, tensors: Mapping[str, Tensor]) -> None:
+        super().__init__()
+        self._names = list(tensors)
+        for name, t in tensors.items():
+            *path, leaf = name.split(".")
+            node: nn.Module = self
+            for part in path:
+                if part not in node._modules:
+                    node.add_module(part, nn.Module())
+                node = node._modules[part]  # type: ignore[assignment]
+            node.register_buffer(leaf, t)
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self.get_buffer(name)
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def keys(self) -> list[str]:
+        return list(self._names)
+
+    def as_dict(self) -> dict[str, Tensor]:
+        """``{name: tensor}``, the buffers themselves (not copies)."""
+        return {k: self.get_buffer(k) for k in self._names}
+
+
+def _entry(state: Mapping[str, Tensor], name: str) -> Tensor | dict[str, Tensor] | None:
+    """``state[name]``, or the ``name.*`` entries without the prefix, or None."""
+    if name in state:
+        return state[name]
+    sub = split_params(dict(state), name)
+    return sub or None
+
+
+class Classifier(nn.Module):
+    """What :meth:`Learner.adapt` returns: ``classifier(query_x) -> logits``, for ONE task.
+
+    Holds the learner (a submodule: the backbone is shared, never copied), the BatchNorm
+    policy it was adapted with, and its adapted tensors as buffers; subclasses name
+    those in ``saved`` (constructor arguments: a tensor or a ``{name: tensor}`` dict)
+    and compute ``logits``. Support BatchNorm statistics, when the policy keeps any,
+    are the buffers under ``bn_stats``.
+    """
+
+    saved: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, learner: Learner, *, bn: BNPolicy | None = None, bn_stats: Stats | None = None) -> None:
+        super().__init__()
+        self.learner = learner
+        self.bn = bn if bn is not None else learner.bn
+        self.set_bn_stats(bn_stats)
+
+    def set_bn_stats(self, stats: Stats | None) -> None:
+        """Keep (or drop, with None) the BatchNorm statistics that prediction normalises with."""
+        flat = None if stats is None else {f"{k}.{s}": t for k, (m, v) in stats.items() for s, t in (("mean", m), ("var", v))}
+        self.bn_stats = None if flat is None else Tensors(flat)
+
+    def support_stats(self) -> Stats | None:
+        """The kept BatchNorm statistics as ``{layer: (mean, var)}``, or None."""
+        return None if self.bn_stats is None else _stats_pairs(self.bn_stats.as_dict())
+
+    def forward(self, query_x: Tensor) -> Tensor:
+        """Float32 logits ``[M, N]`` of query images ``[M, C, H, W]``, BatchNorm as the policy says."""
+        with self.bn.while_predicting(self.learner.backbone, self.support_stats()):
+            return self.logits(query_x)
+
+    def logits(self, query_x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def from_state_dict(cls, learner: Learner, state: Mapping[str, Tensor], *, bn: BNPolicy | None = None) -> Classifier:
+        """Rebuild a classifier from its ``state_dict()`` around a freshly built ``learner``."""
+        args: dict[str, Any] = {name: _entry(state, name) for name in cls.saved}
+        stats = _entry(state, "bn_stats")
+        clf = cls(learner, **args, bn=bn)
+        if isinstance(stats, dict):
+            clf.set_bn_stats(_stats_pairs(stats))
+        try:
+            clf.load_state_dict(dict(state), strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"{cls.__name__}: the saved state does not fit ({str(e).splitlines()[0]})") from e
+        return clf
+
+
+def _stats_pairs(flat: Mapping[str, Tensor]) -> Stats:
+    """``{"layer.mean": m, "layer.var": v}`` as ``{"layer": (m, v)}``."""
+    layers = dict.fromkeys(k.rpartition(".")[0] for k in flat)
+    return {k: (flat[f"{k}.mean"], flat[f"{k}.var"]) for k in layers}
+
+
+def tensors_or_none(tensors: Mapping[str, Tensor] | None) -> Tensors | None:
+    """``Tensors(tensors)``, or None for None."""
+    return None if tensors is None else Tensors(tensors)
 
 
 class Learner(nn.Module):
@@ -58,7 +153,10 @@ class Learner(nn.Module):
         amp: ``"bf16"`` (or ``"fp16"``) to run forward passes under autocast, else None.
     """
 
-    bn_policy: ClassVar[str] = "frozen"
+    bn: BNPolicy = Frozen()
+    classifier_type: ClassVar[type[Classifier]] = Classifier
+    #: Options :func:`metafew.adapt` uses unless given; None: not offered by ``metafew.adapt``.
+    adapt_defaults: ClassVar[dict[str, Any] | None] = None
     default_optimizer: dict = {"name": "adam", "lr": 1e-3}
 
     def __init__(self, backbone: nn.Module, *, amp: str | None = None) -> None:
@@ -71,8 +169,25 @@ class Learner(nn.Module):
         """(loss to backpropagate, mean query accuracy) over the batch's tasks, both 0-dim."""
         raise NotImplementedError
 
-    def adapt(self, support_x: Tensor, support_y: Tensor) -> Classifier:
-        """A classifier for ONE task, from its support images ``[N*K, C, H, W]`` and labels ``[N*K]``."""
+    @property
+    def bn_policy(self) -> str:
+        """The name of the BatchNorm policy (``"frozen"``, ``"transductive"``)."""
+        return self.bn.name
+
+    def adapt(self, support_x: Tensor, support_y: Tensor, *, bn: BNPolicy | None = None) -> Classifier:
+        """A classifier for ONE task, from its support images ``[N*K, C, H, W]`` and labels ``[N*K]``.
+
+        ``bn``: the BatchNorm policy to adapt and predict with (default ``self.bn``). It
+        gives the statistics to adapt with, and those the classifier keeps for prediction.
+        """
+        bn = bn if bn is not None else self.bn
+        stats = bn.adapting_statistics(self.backbone, support_x)
+        classifier = self.fit(support_x, support_y, bn, stats)
+        classifier.set_bn_stats(bn.predicting_statistics(classifier, self.backbone, support_x, stats))
+        return classifier
+
+    def fit(self, support_x: Tensor, support_y: Tensor, bn: BNPolicy, stats: Stats | None) -> Classifier:
+        """The task's classifier, fitted under ``bn.while_adapting(backbone, stats)`` (each learner's method)."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -90,7 +205,7 @@ class Learner(nn.Module):
         return autocast(device, self.amp)
 
     def extra_repr(self) -> str:
-        return f"bn_policy={self.bn_policy!r}" + (f", amp={self.amp!r}" if self.amp else "")
+        return f"bn={self.bn!r}" + (f", amp={self.amp!r}" if self.amp else "")
 
 
 # -- small functions every learner uses ------------------------------------------
@@ -124,68 +239,6 @@ def squared_distances(x: Tensor, centres: Tensor) -> Tensor:
 def infer_n_way(support_y: Tensor, n_way: int | None) -> int:
     """``n_way`` if known, else ``max(label) + 1`` (one host sync, outside any inner loop)."""
     return n_way if n_way is not None else int(support_y.max()) + 1
-
-
-@contextlib.contextmanager
-def batch_stats_bn(module: nn.Module, *, explicit: bool = False) -> Iterator[None]:
-    """Make every BatchNorm in ``module`` normalise with batch statistics, touching no buffer.
-
-    Inside the context each BatchNorm behaves as if built with
-    ``track_running_stats=False`` in train mode: it neither reads nor updates
-    ``running_mean``/``running_var``/``num_batches_tracked``. This is the functional
-    "transductive" BatchNorm of MAML and Reptile. Other layers (dropout...) keep their
-    own mode, and everything is restored on exit. A BatchNorm whose ``forward`` an outer
-    context patched (e.g. fixed support statistics for deployment) keeps that patch.
-
-    ``explicit=True`` also swaps the fused kernel for the formula written out in
-    tensor ops (:func:`batch_norm_explicit`), for use inside ``torch.func.vmap``: the
-    batching rule of the fused BatchNorm backward gives wrong second-order gradients
-    under vmap (pytorch/functorch#534; we measured a 1e-2 error in float64).
-    """
-    saved = []
-    for m in module.modules():
-        if isinstance(m, _BatchNorm):
-            saved.append((m, m.training, m.track_running_stats, m.__dict__.get("forward")))
-            m.training = True
-            m.track_running_stats = False
-            if explicit:
-                m.forward = _explicit_forward(m)  # instance attribute shadows the class method
-    try:
-        yield
-    finally:
-        for m, training, track, forward in saved:
-            m.training = training
-            m.track_running_stats = track
-            if explicit:  # put back whatever forward was there (e.g. another context's patch)
-                if forward is None:
-                    m.__dict__.pop("forward", None)
-                else:
-                    m.forward = forward
-
-
-def batch_norm_explicit(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
-    """Training-mode BatchNorm over dim 1 with batch statistics, in plain differentiable tensor ops."""
-    dtype = x.dtype
-    if dtype in (torch.float16, torch.bfloat16):
-        x = x.float()  # statistics in float32 even under bf16 autocast, as the fused kernel does
-    dims = [0, *range(2, x.ndim)]
-    shape = [1, -1] + [1] * (x.ndim - 2)
-    mean = x.mean(dims, keepdim=True)
-    var = (x - mean).pow(2).mean(dims, keepdim=True)
-    y = (x - mean) * torch.rsqrt(var + eps)
-    if weight is not None:
-        y = y * weight.view(shape)
-    if bias is not None:
-        y = y + bias.view(shape)
-    return y.to(dtype)
-
-
-def _explicit_forward(m: _BatchNorm):  # noqa: ANN202
-    def forward(x: Tensor) -> Tensor:
-        # m.weight/m.bias are read at call time, so torch.func.functional_call's swapped tensors are used.
-        return batch_norm_explicit(x, m.weight, m.bias, m.eps)
-
-    return forward
 
 
 def split_params(params: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:

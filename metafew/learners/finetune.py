@@ -15,8 +15,9 @@ backbone module is never modified.
 FineTune has no meta-training: :meth:`FineTune.meta_loss` raises a
 :class:`~metafew.errors.MetafewError` telling to pretrain the backbone instead.
 
-BatchNorm policy ``"frozen"``: the backbone always runs in eval mode here (running
-statistics from pretraining), so neither support nor query images change them.
+BatchNorm policy :class:`~metafew.learners.bn.Frozen`: the backbone always runs in
+eval mode here (running statistics from pretraining, or the support set's with
+``Frozen(reestimate=True)``), so neither support nor query images change them.
 
 Head initialisation: the linear head starts at zero (the problem is convex in the
 head, so the result does not depend on a random draw); the cosine head starts from
@@ -26,7 +27,7 @@ converges in fewer steps than Chen et al.'s random initialisation.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +35,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..data.episodes import EpisodeBatch
-from ..device import eval_mode
 from ..errors import MetafewError
-from .base import Learner, class_means, full_precision, infer_n_way, minibatch_indices
+from .base import Classifier, Learner, Tensors, class_means, full_precision, infer_n_way, minibatch_indices, tensors_or_none
+from .bn import BNPolicy, Frozen, Stats
 from .registry import register_learner
 
 Params = dict[str, Tensor]
@@ -62,7 +63,8 @@ class FineTune(Learner):
         amp: ``"bf16"`` to run the backbone under autocast.
     """
 
-    bn_policy = "frozen"
+    bn = Frozen()
+    adapt_defaults: dict = {}
     default_optimizer = {"name": "adam", "lr": 1e-3}
 
     def __init__(
@@ -114,8 +116,11 @@ class FineTune(Learner):
         return self.scale * F.normalize(features, dim=-1) @ F.normalize(head["weight"], dim=-1).T
 
     def features(self, x: Tensor, backbone_params: Params | None = None) -> Tensor:
-        """Eval-mode features of ``x`` through the module's own or the given (fine-tuned) parameters."""
-        with eval_mode(self.backbone), self.autocast(x.device):
+        """Features of ``x`` through the module's own or the given (fine-tuned) parameters.
+
+        BatchNorm is as the caller's policy context sets it (eval mode for :class:`Frozen`).
+        """
+        with self.autocast(x.device):
             if backbone_params is None:
                 return full_precision(self.backbone(x))
             return full_precision(functional_call(self.backbone, backbone_params, (x,)))
@@ -134,8 +139,12 @@ class FineTune(Learner):
         return torch.optim.Adam(groups, lr=self.lr, weight_decay=self.weight_decay)
 
     # -- the interface -----------------------------------------------------------
-    def adapt(self, support_x: Tensor, support_y: Tensor) -> FineTuneClassifier:
+    def fit(self, support_x: Tensor, support_y: Tensor, bn: BNPolicy, stats: Stats | None) -> FineTuneClassifier:
         """Train a new head (and, with ``full``, a copy of the backbone) on the support set."""
+        with bn.while_adapting(self.backbone, stats):
+            return self._fit(support_x, support_y, bn)
+
+    def _fit(self, support_x: Tensor, support_y: Tensor, bn: BNPolicy) -> FineTuneClassifier:
         n_way = infer_n_way(support_y, None)
         with torch.no_grad():
             support_features = self.features(support_x)
@@ -162,16 +171,23 @@ class FineTune(Learner):
                     p.grad = g
                 opt.step()
         detached = None if backbone_params is None else {k: v.detach() for k, v in backbone_params.items()}
-        return FineTuneClassifier(self, {k: v.detach() for k, v in head.items()}, detached)
+        return FineTuneClassifier(self, {k: v.detach() for k, v in head.items()}, detached, bn=bn)
 
 
-class FineTuneClassifier:
-    """The trained head (and fine-tuned backbone copy), classifying query images in eval mode."""
+class FineTuneClassifier(Classifier):
+    """The trained head (buffers under ``head``) and fine-tuned backbone copy (under ``backbone_params``)."""
 
-    def __init__(self, learner: FineTune, head: Params, backbone_params: Params | None) -> None:
-        self.learner = learner
-        self.head = head
-        self.backbone_params = backbone_params
+    saved = ("head", "backbone_params")
+    learner: FineTune
 
-    def __call__(self, query_x: Tensor) -> Tensor:
-        return self.learner.head_logits(self.head, self.learner.features(query_x, self.backbone_params))
+    def __init__(self, learner: FineTune, head: Params, backbone_params: Params | None = None, **kw: Any) -> None:
+        super().__init__(learner, **kw)
+        self.head = Tensors(head)
+        self.backbone_params = tensors_or_none(backbone_params)
+
+    def logits(self, query_x: Tensor) -> Tensor:
+        tuned = None if self.backbone_params is None else self.backbone_params.as_dict()
+        return self.learner.head_logits(self.head.as_dict(), self.learner.features(query_x, tuned))
+
+
+FineTune.classifier_type = FineTuneClassifier

@@ -21,11 +21,11 @@ Head initialisation per task (``head_init``):
   initial logits are those of a prototypical network; gradients flow through this
   initialisation into the backbone.
 
-BatchNorm policy ``"transductive"`` (MAML's original): BatchNorm always uses the
+BatchNorm policy :class:`~metafew.learners.bn.Transductive` (MAML's original): BatchNorm always uses the
 statistics of the batch it sees (the support set in the inner loop, the query set
 when predicting), in meta-training and at test time, so query predictions of a task
 depend on its query batch. Running statistics are never read nor updated, by
-training or by test images (:func:`~metafew.learners.base.batch_stats_bn`).
+training or by test images (:func:`~metafew.learners.bn.batch_stats_bn`).
 """
 
 from __future__ import annotations
@@ -40,15 +40,17 @@ from torch.func import functional_call
 from ..data.episodes import EpisodeBatch
 from ..errors import ConfigError, MetafewError
 from .base import (
+    Classifier,
     Learner,
+    Tensors,
     accuracy,
-    batch_stats_bn,
     class_means,
     full_precision,
     functional_logits,
     infer_n_way,
     split_params,
 )
+from .bn import BNPolicy, Stats, Transductive
 from .registry import register_learner
 
 Params = dict[str, Tensor]
@@ -76,7 +78,11 @@ class MAML(Learner):
         amp: ``"bf16"`` to run forward passes under autocast.
     """
 
-    bn_policy = "transductive"
+    bn = Transductive()
+    #: for :func:`metafew.adapt`: a backbone checkpoint carries no meta-learned head, so the head
+    #: starts from the support prototypes (Proto-MAML, Triantafillou et al. 2020); step sizes
+    #: chosen on PneumoniaMNIST's *validation* split (benchmarks/medical.py), never on a test split.
+    adapt_defaults = {"head_init": "prototypes", "test_inner_lr": 0.01, "test_inner_steps": 10}
     default_optimizer = {"name": "adam", "lr": 1e-3}
 
     def __init__(
@@ -195,7 +201,7 @@ class MAML(Learner):
         if self.n_way is not None and n_way != self.n_way and self.head_init == "learned":
             raise MetafewError(f"MAML was built for {self.n_way}-way tasks with a learned head, got {n_way}-way")
         theta = self.meta_params()
-        with batch_stats_bn(self.backbone, explicit=self.vmap_tasks), self.autocast(batch.query_x.device):
+        with self.bn.while_training(self.backbone, explicit=self.vmap_tasks), self.autocast(batch.query_x.device):
             if self.vmap_tasks:
                 losses, accs = self._tasks_vmap(theta, batch, n_way)
             else:
@@ -254,14 +260,14 @@ class MAML(Learner):
         tasks = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
         return torch.func.vmap(one, randomness="different")(*tasks)
 
-    def adapt(self, support_x: Tensor, support_y: Tensor) -> MAMLClassifier:
+    def fit(self, support_x: Tensor, support_y: Tensor, bn: BNPolicy, stats: Stats | None) -> MAMLClassifier:
         """``test_inner_steps`` SGD steps from θ on the support set; returns the adapted classifier.
 
         Runs with gradients enabled even when called under ``torch.no_grad()``; the
         returned parameters are detached, and θ is left untouched.
         """
         n_way = infer_n_way(support_y, self.n_way if self.head_init == "learned" else None)
-        with torch.enable_grad(), batch_stats_bn(self.backbone), self.autocast(support_x.device):
+        with torch.enable_grad(), bn.while_adapting(self.backbone, stats), self.autocast(support_x.device):
             theta = {k: v.detach() for k, v in self.meta_params().items()}
             params = {k: v.detach() for k, v in self.task_params(theta, support_x, support_y, n_way).items()}
             for k in self._adapted_names(params):
@@ -269,19 +275,25 @@ class MAML(Learner):
             params = self.inner_loop(
                 params, support_x, support_y, self.test_inner_steps, self.test_inner_lr, create_graph=False
             )
-        return MAMLClassifier(self, {k: v.detach() for k, v in params.items()})
+        return MAMLClassifier(self, {k: v.detach() for k, v in params.items()}, bn=bn)
 
 
-class MAMLClassifier:
-    """A task's adapted parameters φ, classifying query images with transductive BatchNorm."""
+class MAMLClassifier(Classifier):
+    """A task's adapted parameters φ (buffers under ``params``, named as in ``meta_params``)."""
 
-    def __init__(self, learner: MAML, params: Params) -> None:
-        self.learner = learner
-        self.params = params
+    saved = ("params",)
+    learner: Any
 
-    def __call__(self, query_x: Tensor) -> Tensor:
-        with batch_stats_bn(self.learner.backbone), self.learner.autocast(query_x.device):
-            return full_precision(self.learner.forward_with(self.params, query_x))
+    def __init__(self, learner: Learner, params: dict[str, Tensor], **kw: Any) -> None:
+        super().__init__(learner, **kw)
+        self.params = Tensors(params)
+
+    def logits(self, query_x: Tensor) -> Tensor:
+        with self.learner.autocast(query_x.device):
+            return full_precision(functional_logits(self.learner.backbone, self.params.as_dict(), query_x))
+
+
+MAML.classifier_type = MAMLClassifier
 
 
 @register_learner("fomaml")

@@ -6,25 +6,24 @@ distance to the prototypes, ``logits = -||f(q) - c_k||^2``. With ``distance="cos
 the logits are ``scale * cos(f(q), c_k)`` instead, with a learnable (default) or fixed
 scale, as in cosine-classifier variants (Chen et al. 2019, Gidaris & Komodakis 2018).
 
-BatchNorm policy ``"frozen"``: during meta-training the backbone runs in whatever
-mode the engine set (train mode: batch statistics of the episode, running
-statistics updated); :meth:`ProtoNet.adapt` and :meth:`ProtoNet.evaluate_batch`
-always run it in eval mode, so predictions use the running statistics and test
-images never change them.
+BatchNorm policy :class:`~metafew.learners.bn.Frozen`: during meta-training the
+backbone runs in whatever mode the engine set (train mode: batch statistics of the
+episode, running statistics updated); adapting and predicting run it in eval mode,
+so predictions use the running statistics and test images never change them.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.episodes import EpisodeBatch
-from ..device import eval_mode
 from ..errors import MetafewError
-from .base import Learner, accuracy, class_means, full_precision, infer_n_way, squared_distances
+from .base import Classifier, Learner, accuracy, class_means, full_precision, infer_n_way, squared_distances
+from .bn import BNPolicy, Frozen, Stats
 from .registry import register_learner
 
 
@@ -40,7 +39,8 @@ class ProtoNet(Learner):
         amp: ``"bf16"`` to embed under autocast.
     """
 
-    bn_policy = "frozen"
+    bn = Frozen()
+    adapt_defaults: dict = {}
     default_optimizer = {"name": "adam", "lr": 1e-3}
 
     def __init__(
@@ -88,32 +88,40 @@ class ProtoNet(Learner):
 
     def meta_loss(self, batch: EpisodeBatch) -> tuple[Tensor, Tensor]:
         """Cross-entropy of the queries over the batch's tasks (episodic training, Snell et al.)."""
-        logits = self._episode_logits(batch)
+        with self.bn.while_training(self.backbone):
+            logits = self._episode_logits(batch)
         loss = F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
         return loss, accuracy(logits, batch.query_y).mean()
 
-    def adapt(self, support_x: Tensor, support_y: Tensor) -> ProtoClassifier:
-        """Prototypes of the support set (eval-mode BatchNorm), wrapped as a classifier."""
+    def fit(self, support_x: Tensor, support_y: Tensor, bn: BNPolicy, stats: Stats | None) -> ProtoClassifier:
+        """Prototypes of the support set, wrapped as a classifier."""
         n_way = infer_n_way(support_y, None)
-        with eval_mode(self.backbone):
+        with bn.while_adapting(self.backbone, stats):
             prototypes = class_means(self.embed(support_x), support_y, n_way)
-        return ProtoClassifier(self, prototypes)
+        return ProtoClassifier(self, prototypes, bn=bn)
 
     @torch.no_grad()
     def evaluate_batch(self, batch: EpisodeBatch) -> Tensor:
-        """Per-episode query accuracy ``[B]``, all tasks embedded at once in eval mode."""
-        with eval_mode(self.backbone):
+        """Per-episode query accuracy ``[B]``: all tasks embedded at once when the policy allows it."""
+        if not self.bn.batch_independent:
+            return super().evaluate_batch(batch)
+        with self.bn.while_predicting(self.backbone):
             logits = self._episode_logits(batch)
         return accuracy(logits, batch.query_y)
 
 
-class ProtoClassifier:
-    """Classifies query images by their distance to fixed prototypes."""
+class ProtoClassifier(Classifier):
+    """Classifies query images by their distance to the prototypes (a buffer ``[N, D]``)."""
 
-    def __init__(self, learner: ProtoNet, prototypes: Tensor) -> None:
-        self.learner = learner
-        self.prototypes = prototypes
+    saved = ("prototypes",)
+    learner: ProtoNet
 
-    def __call__(self, query_x: Tensor) -> Tensor:
-        with eval_mode(self.learner.backbone):
-            return self.learner.logits(self.learner.embed(query_x), self.prototypes)
+    def __init__(self, learner: ProtoNet, prototypes: Tensor, **kw: Any) -> None:
+        super().__init__(learner, **kw)
+        self.register_buffer("prototypes", prototypes)
+
+    def logits(self, query_x: Tensor) -> Tensor:
+        return self.learner.logits(self.learner.embed(query_x), self.prototypes)
+
+
+ProtoNet.classifier_type = ProtoClassifier

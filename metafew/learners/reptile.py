@@ -29,13 +29,14 @@ k-shot task data). Either way :meth:`Reptile.adapt` trains on the support set on
 and the accuracy returned by :meth:`Reptile.meta_loss` is measured at φ on the query
 images (held out only with ``train_data="support"``).
 
-BatchNorm policy ``"transductive"`` (the paper's default): BatchNorm uses batch
+BatchNorm policy :class:`~metafew.learners.bn.Transductive` (the paper's default): BatchNorm uses batch
 statistics everywhere (the inner minibatch while training, the whole query batch
 when predicting), and running statistics are never read nor updated.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Literal
 
 import torch
@@ -44,7 +45,9 @@ from torch import Tensor, nn
 
 from ..data.episodes import EpisodeBatch
 from ..errors import MetafewError
-from .base import Learner, accuracy, batch_stats_bn, full_precision, functional_logits, minibatch_indices
+from .base import Learner, accuracy, full_precision, functional_logits, minibatch_indices
+from .bn import BNPolicy, Stats, Transductive
+from .maml import MAMLClassifier
 from .registry import register_learner
 
 Params = dict[str, Tensor]
@@ -70,7 +73,7 @@ class Reptile(Learner):
         amp: ``"bf16"`` to run forward passes under autocast.
     """
 
-    bn_policy = "transductive"
+    bn = Transductive()
     default_optimizer = {"name": "sgd", "lr": 1.0}
 
     def __init__(
@@ -113,8 +116,13 @@ class Reptile(Learner):
             k: p for k, p in self.named_parameters() if p.requires_grad and k.startswith(("backbone.", "head."))
         }
 
-    def inner_train(self, x: Tensor, y: Tensor, steps: int, lr: float) -> Params:
-        """φ: ``steps`` inner-optimizer steps from θ on ``(x, y)``, on detached copies of θ."""
+    def inner_train(
+        self, x: Tensor, y: Tensor, steps: int, lr: float, bn: contextlib.AbstractContextManager[None] | None = None
+    ) -> Params:
+        """φ: ``steps`` inner-optimizer steps from θ on ``(x, y)``, on detached copies of θ.
+
+        ``bn``: the BatchNorm context to train in (default: the policy's meta-training one).
+        """
         theta = self.meta_params()
         phi = {k: v.detach().clone().requires_grad_() for k, v in theta.items()}
         leaves = list(phi.values())
@@ -123,7 +131,8 @@ class Reptile(Learner):
         else:
             opt = torch.optim.SGD(leaves, lr=lr)
         order = minibatch_indices(len(x), self.inner_batch_size, steps, x.device)
-        with torch.enable_grad(), batch_stats_bn(self.backbone), self.autocast(x.device):
+        bn = bn if bn is not None else self.bn.while_training(self.backbone)
+        with torch.enable_grad(), bn, self.autocast(x.device):
             for step in range(steps):
                 xb, yb = (x, y) if order is None else (x[order[step]], y[order[step]])
                 loss = F.cross_entropy(full_precision(functional_logits(self.backbone, phi, xb)), yb)
@@ -133,8 +142,8 @@ class Reptile(Learner):
         return {k: v.detach() for k, v in phi.items()}
 
     def predict(self, phi: Params, x: Tensor) -> Tensor:
-        """Logits of ``x`` under adapted parameters, with transductive BatchNorm."""
-        with batch_stats_bn(self.backbone), self.autocast(x.device):
+        """Logits of ``x`` under adapted parameters, BatchNorm as in meta-training."""
+        with self.bn.while_training(self.backbone), self.autocast(x.device):
             return full_precision(functional_logits(self.backbone, phi, x))
 
     def meta_loss(self, batch: EpisodeBatch) -> tuple[Tensor, Tensor]:
@@ -154,18 +163,16 @@ class Reptile(Learner):
         loss = 0.5 * torch.stack(distances).sum() / len(batch)
         return loss, torch.stack(accs).mean()
 
-    def adapt(self, support_x: Tensor, support_y: Tensor) -> ReptileClassifier:
+    def fit(self, support_x: Tensor, support_y: Tensor, bn: BNPolicy, stats: Stats | None) -> ReptileClassifier:
         """``test_inner_steps`` of the inner optimizer on the support set (gradients on even under no_grad)."""
-        phi = self.inner_train(support_x, support_y, self.test_inner_steps, self.test_inner_lr)
-        return ReptileClassifier(self, phi)
+        phi = self.inner_train(
+            support_x, support_y, self.test_inner_steps, self.test_inner_lr, bn.while_adapting(self.backbone, stats)
+        )
+        return ReptileClassifier(self, phi, bn=bn)
 
 
-class ReptileClassifier:
-    """A task's adapted parameters φ, classifying query images with transductive BatchNorm."""
+class ReptileClassifier(MAMLClassifier):
+    """A task's adapted parameters φ (buffers under ``params``); predicts as MAML's classifier does."""
 
-    def __init__(self, learner: Reptile, params: Params) -> None:
-        self.learner = learner
-        self.params = params
 
-    def __call__(self, query_x: Tensor) -> Tensor:
-        return self.learner.predict(self.params, query_x)
+Reptile.classifier_type = ReptileClassifier
