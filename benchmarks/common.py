@@ -21,8 +21,11 @@ def machine() -> dict:
 
     cpu = platform.processor() or "unknown"
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     try:
@@ -36,8 +39,12 @@ def machine() -> dict:
     except ImportError:
         l2l_version = None
     return {
-        "cpu": cpu, "cores": cores, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(), "learn2learn": l2l_version,
+        "cpu": cpu,
+        "cores": cores,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "learn2learn": l2l_version,
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -59,9 +66,13 @@ def side_by_side_parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=default_root, help="holds omniglot/ and caltech101/ (default: %(default)s)")
     p.add_argument("--datasets", default="omniglot,caltech101", help="comma-separated (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="alternating rounds; medians reported (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads for both sides (default: %(default)s; 0 keeps torch's default). On a "
-                   "shared 2-core machine 2 threads stall every small op on the busy cores")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads for both sides (default: %(default)s; 0 keeps torch's default). On a "
+        "shared 2-core machine 2 threads stall every small op on the busy cores",
+    )
     p.add_argument("--json", metavar="OUT", help="write the results as JSON")
     return p
 
@@ -93,8 +104,10 @@ def run_datasets(
     table = markdown(results)
     print("\n" + title + table)
     m = results["machine"]
-    print(f"\n{m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
-          f"learn2learn {m['learn2learn']}, {m['date']}")
+    print(
+        f"\n{m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
+        f"learn2learn {m['learn2learn']}, {m['date']}"
+    )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({**results, "table": table}, indent=2))

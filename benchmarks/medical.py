@@ -101,7 +101,9 @@ def ensure_backbone(recipe: dict[str, Any], folder: Path, device: torch.device, 
     if path.exists():
         return path
     ds = pretraining_data(recipe, data_root)
-    log(f"pretraining {recipe['arch']} on {ds.name} ({len(ds)} images, {ds.num_classes} classes, {recipe['epochs']} epochs) -> {path}")
+    log(
+        f"pretraining {recipe['arch']} on {ds.name} ({len(ds)} images, {ds.num_classes} classes, {recipe['epochs']} epochs) -> {path}"
+    )
     t0 = time.perf_counter()
     pretrain(
         recipe["arch"], ds, epochs=int(recipe["epochs"]), lr=float(recipe.get("lr", 0.05)),
@@ -192,7 +194,9 @@ def plot(results: dict[str, Any], suite: dict[str, Any], metric: str, path: Path
     backbones = [b for b in suite["backbones"] if any(c["backbone"] == b for c in cells)]
     if not datasets or not backbones:
         return
-    fig, axes = plt.subplots(len(datasets), len(backbones), figsize=(4.2 * len(backbones), 3.4 * len(datasets)), squeeze=False, sharey="row")
+    fig, axes = plt.subplots(
+        len(datasets), len(backbones), figsize=(4.2 * len(backbones), 3.4 * len(datasets)), squeeze=False, sharey="row"
+    )
     for i, ds in enumerate(datasets):
         ref = suite.get("reference", {}).get(ds, {})
         for j, bb in enumerate(backbones):
@@ -226,9 +230,7 @@ def plot(results: dict[str, Any], suite: dict[str, Any], metric: str, path: Path
 
 
 TUNE_GRID: dict[str, list[dict[str, Any]]] = {
-    "maml": [
-        {"test_inner_lr": lr, "test_inner_steps": s} for lr in (0.001, 0.01, 0.05, 0.2) for s in (5, 10)
-    ],
+    "maml": [{"test_inner_lr": lr, "test_inner_steps": s} for lr in (0.001, 0.01, 0.05, 0.2) for s in (5, 10)],
     "finetune": [{"lr": lr, "steps": s} for lr in (0.01, 0.1) for s in (100, 300)],
 }
 
@@ -240,8 +242,21 @@ def tune(args: argparse.Namespace, suite: dict[str, Any], device: torch.device, 
     for method, grid in TUNE_GRID.items():
         for opts in grid:
             for k in (5, 10):
-                r = run_cell("pneumoniamnist", path, method, k, args.draws or 20, 1000 + suite["seed"], opts, device, args.data_root, split="val")
-                log(f"{method} {opts} K={k}: val accuracy {r['accuracy']:.3f}, balanced {r['balanced_accuracy']:.3f}, AUC {r['auc']:.3f} ({r['seconds']:.0f} s)")
+                r = run_cell(
+                    "pneumoniamnist",
+                    path,
+                    method,
+                    k,
+                    args.draws or 20,
+                    1000 + suite["seed"],
+                    opts,
+                    device,
+                    args.data_root,
+                    split="val",
+                )
+                log(
+                    f"{method} {opts} K={k}: val accuracy {r['accuracy']:.3f}, balanced {r['balanced_accuracy']:.3f}, AUC {r['auc']:.3f} ({r['seconds']:.0f} s)"
+                )
 
 
 # -- main -------------------------------------------------------------------------------
@@ -252,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suite", type=Path, default=SUITE, help="suite TOML")
     parser.add_argument("--quick", action="store_true", help="the [quick] settings of the suite")
     parser.add_argument("--out", type=Path, help="results folder (default results/medical[-quick])")
-    parser.add_argument("--backbone-dir", type=Path, help="pretrained backbone cache (default <metafew cache>/pretrained/medical)")
+    parser.add_argument(
+        "--backbone-dir", type=Path, help="pretrained backbone cache (default <metafew cache>/pretrained/medical)"
+    )
     parser.add_argument("--data-root", help="dataset root (default $METAFEW_DATA)")
     parser.add_argument("--datasets", nargs="+", help="subset of the suite's datasets")
     parser.add_argument("--backbones", nargs="+", help="subset of the suite's backbones")
@@ -310,11 +327,26 @@ def main(argv: list[str] | None = None) -> int:
                 for k in suite["shots"]:
                     done += 1
                     bn = suite.get("bn_stats", "support")
-                    key = json.dumps([dataset, backbone, recipe_key(recipe), method, options, bn, k, suite["draws"], suite["seed"]])
+                    key = json.dumps(
+                        [dataset, backbone, recipe_key(recipe), method, options, bn, k, suite["draws"], suite["seed"]]
+                    )
                     if key in results["cells"]:
                         continue
-                    cell = run_cell(dataset, path, method, k, suite["draws"], suite["seed"], options, device, args.data_root, bn_stats=bn)
-                    cell.update(dataset=dataset, backbone=backbone, method=method, shots=k, backbone_checkpoint=path.name)
+                    cell = run_cell(
+                        dataset,
+                        path,
+                        method,
+                        k,
+                        suite["draws"],
+                        suite["seed"],
+                        options,
+                        device,
+                        args.data_root,
+                        bn_stats=bn,
+                    )
+                    cell.update(
+                        dataset=dataset, backbone=backbone, method=method, shots=k, backbone_checkpoint=path.name
+                    )
                     results["cells"][key] = cell
                     tmp = results_path.with_suffix(".json.tmp")
                     tmp.write_text(json.dumps(results, indent=1) + "\n")

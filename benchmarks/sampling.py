@@ -101,7 +101,10 @@ def time_loads(name: str, root: str, threads: int) -> dict:
             t = time.perf_counter()
             proc = subprocess.run(
                 [sys.executable, __file__, "--_child-load", name, "--data-root", root, "--threads", str(threads)],
-                env=env, capture_output=True, text=True, check=False,
+                env=env,
+                capture_output=True,
+                text=True,
+                check=False,
             )
             wall = time.perf_counter() - t
             if proc.returncode != 0:
@@ -123,7 +126,9 @@ def omniglot_files(ds, root: str) -> list[tuple[str, int, int]]:
     items = []
     for label, line in enumerate(ds.classes):
         character, _, rot = line.rpartition("/")
-        folder = next(base / s / character for s in ("images_background", "images_evaluation") if (base / s / character).is_dir())
+        folder = next(
+            base / s / character for s in ("images_background", "images_evaluation") if (base / s / character).is_dir()
+        )
         pngs = sorted(p for p in os.listdir(folder) if p.lower().endswith(".png"))
         items += [(str(folder / p), label, int(rot.removeprefix("rot"))) for p in pngs]
     return items
@@ -136,7 +141,9 @@ def caltech_files(ds, root: str) -> list[tuple[str, int, int]]:
     folder = find_caltech101(root)
     items = []
     for label, c in enumerate(ds.classes):
-        jpgs = sorted(f for f in os.listdir(folder / c) if f.lower().endswith((".jpg", ".jpeg")) and not f.startswith("."))
+        jpgs = sorted(
+            f for f in os.listdir(folder / c) if f.lower().endswith((".jpg", ".jpeg")) and not f.startswith(".")
+        )
         items += [(str(folder / c / f), label, 0) for f in jpgs]
     return items
 
@@ -150,13 +157,19 @@ def file_dataset(name: str, items: list[tuple[str, int, int]], image_size: int):
     if name == "omniglot":
         mode = "L"
         # the transform of learn2learn's Omniglot examples (maml_omniglot.py, FullOmniglot)
-        transform = T.Compose([T.Resize(image_size, interpolation=T.InterpolationMode.LANCZOS), T.ToTensor(), lambda x: 1.0 - x])
+        transform = T.Compose(
+            [T.Resize(image_size, interpolation=T.InterpolationMode.LANCZOS), T.ToTensor(), lambda x: 1.0 - x]
+        )
     else:
         mode = "RGB"
-        transform = T.Compose([
-            T.Resize(image_size), T.CenterCrop(image_size), T.ToTensor(),
-            T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-        ])
+        transform = T.Compose(
+            [
+                T.Resize(image_size),
+                T.CenterCrop(image_size),
+                T.ToTensor(),
+                T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+            ]
+        )
 
     class FileImages(torch.utils.data.Dataset):
         def __init__(self) -> None:
@@ -199,7 +212,13 @@ def l2l_taskset(dataset, labels: list[int], n_way: int, k_shot: int, n_query: in
     for i, y in enumerate(labels):
         labels_to_indices.setdefault(int(y), []).append(i)
     meta = l2l.data.MetaDataset(dataset, labels_to_indices=labels_to_indices)
-    transforms = [NWays(meta, n_way), KShots(meta, k_shot + n_query), LoadData(meta), RemapLabels(meta), ConsecutiveLabels(meta)]
+    transforms = [
+        NWays(meta, n_way),
+        KShots(meta, k_shot + n_query),
+        LoadData(meta),
+        RemapLabels(meta),
+        ConsecutiveLabels(meta),
+    ]
     return l2l.data.TaskDataset(meta, task_transforms=transforms, num_tasks=-1)
 
 
@@ -242,7 +261,10 @@ def bench(name: str, args: argparse.Namespace) -> dict:
     res: dict = {"setting": dict(s)}
     if not args.skip_load:
         res["load"] = time_loads(name, args.data_root, args.threads)
-        print(f"   load: cold {res['load']['cold']['load_s']:.2f} s, cached {res['load']['cached']['load_s']:.2f} s", flush=True)
+        print(
+            f"   load: cold {res['load']['cold']['load_s']:.2f} s, cached {res['load']['cached']['load_s']:.2f} s",
+            flush=True,
+        )
 
     ds = load_metafew(name, args.data_root)
     res["setting"].update(images=len(ds), classes=ds.num_classes, shape=list(ds.images.shape[1:]))
@@ -250,7 +272,9 @@ def bench(name: str, args: argparse.Namespace) -> dict:
     items = omniglot_files(ds, args.data_root) if name == "omniglot" else caltech_files(ds, args.data_root)
     counts = torch.bincount(torch.tensor([y for _, y, _ in items]), minlength=ds.num_classes)
     if len(items) != len(ds) or not torch.equal(counts, ds.class_counts()):
-        raise RuntimeError(f"{name}: the file listing does not match metafew's dataset ({len(items)} vs {len(ds)} images)")
+        raise RuntimeError(
+            f"{name}: the file listing does not match metafew's dataset ({len(items)} vs {len(ds)} images)"
+        )
     files = file_dataset(name, items, ds.image_size[0])
     labels = [y for _, y, _ in items]
     ts_files = l2l_taskset(files, labels, n, k, q)
@@ -267,7 +291,10 @@ def bench(name: str, args: argparse.Namespace) -> dict:
     # sanity: both sides give episodes of the same shapes
     ep = sampler.sample()
     sx, sy, qx, qy = l2l_episode(ts_files, n, k, q)
-    assert tuple(sx.shape) == tuple(ep.support_x.shape) and tuple(qx.shape) == tuple(ep.query_x.shape), (sx.shape, ep.support_x.shape)
+    assert tuple(sx.shape) == tuple(ep.support_x.shape) and tuple(qx.shape) == tuple(ep.query_x.shape), (
+        sx.shape,
+        ep.support_x.shape,
+    )
     assert sy.tolist() == ep.support_y.tolist() and qy.tolist() == ep.query_y.tolist()
     sx, _, qx, _ = l2l_episode(ts_memory, n, k, q)
     assert tuple(sx.shape) == tuple(ep.support_x.shape) and tuple(qx.shape) == tuple(ep.query_x.shape)
@@ -292,7 +319,9 @@ def bench(name: str, args: argparse.Namespace) -> dict:
     res["episodes_per_s_rounds"] = runs
     e = res["episodes_per_s"]
     res["ratio"] = {
-        f"{mf}/{lm}": e[mf] / e[lm] for mf in ("metafew_sample", "metafew_batch32") for lm in ("l2l_files", "l2l_memory")
+        f"{mf}/{lm}": e[mf] / e[lm]
+        for mf in ("metafew_sample", "metafew_batch32")
+        for lm in ("l2l_files", "l2l_memory")
     }
     return res
 
@@ -321,11 +350,17 @@ def markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = side_by_side_parser(__doc__)
-    p.add_argument("--episodes", type=int, default=100, help="episodes per measured loop, at least (default: %(default)s)")
-    p.add_argument("--min-time", type=float, default=1.0, help="seconds per fast measured loop, at least (default: %(default)s)")
+    p.add_argument(
+        "--episodes", type=int, default=100, help="episodes per measured loop, at least (default: %(default)s)"
+    )
+    p.add_argument(
+        "--min-time", type=float, default=1.0, help="seconds per fast measured loop, at least (default: %(default)s)"
+    )
     p.add_argument("--device", default="cpu", help="metafew sampler device (default: %(default)s)")
     p.add_argument("--skip-load", action="store_true", help="do not time cold/cached loads")
-    p.add_argument("--l2l-scan", action="store_true", help="also time l2l's MetaDataset label scan (decodes every file)")
+    p.add_argument(
+        "--l2l-scan", action="store_true", help="also time l2l's MetaDataset label scan (decodes every file)"
+    )
     p.add_argument("--_child-load", dest="child_load", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     set_threads(args.threads)

@@ -38,21 +38,33 @@ import statistics
 import time
 from collections.abc import Callable
 
-from common import run_datasets, set_threads, side_by_side_parser  # benchmarks/common.py
-
 import torch
 import torch.nn.functional as F
+from common import run_datasets, set_threads, side_by_side_parser  # benchmarks/common.py
 from torch import nn
-
 
 SETTINGS = {
     "omniglot": {
-        "title": "Omniglot vinyals/train", "n_way": 5, "k_shot": 1, "n_query": 15, "meta_batch": 32,
-        "image_size": 28, "channels": 1, "maml_inner_steps": 1, "maml_inner_lr": 0.4,
+        "title": "Omniglot vinyals/train",
+        "n_way": 5,
+        "k_shot": 1,
+        "n_query": 15,
+        "meta_batch": 32,
+        "image_size": 28,
+        "channels": 1,
+        "maml_inner_steps": 1,
+        "maml_inner_lr": 0.4,
     },
     "caltech101": {
-        "title": "Caltech-101 train", "n_way": 5, "k_shot": 5, "n_query": 15, "meta_batch": 4,
-        "image_size": 84, "channels": 3, "maml_inner_steps": 5, "maml_inner_lr": 0.01,
+        "title": "Caltech-101 train",
+        "n_way": 5,
+        "k_shot": 5,
+        "n_query": 15,
+        "meta_batch": 4,
+        "image_size": 84,
+        "channels": 3,
+        "maml_inner_steps": 5,
+        "maml_inner_lr": 0.01,
     },
 }
 METHODS = ("protonet", "maml", "l2l_maml", "fomaml", "l2l_fomaml", "reptile")
@@ -155,7 +167,9 @@ def build(name: str, method: str, s: dict, seed: int, amp: str | None = None) ->
         return MetafewStep(learners.Reptile(backbone, n_way=s["n_way"], amp=amp))
     # learn2learn: the same initial weights as metafew's MAML built from this seed
     ref = learners.MAML(backbone, **maml_opts)
-    return L2LMAMLStep(l2l_model(ref.backbone, ref.head), s["maml_inner_lr"], s["maml_inner_steps"], method == "l2l_fomaml", amp)
+    return L2LMAMLStep(
+        l2l_model(ref.backbone, ref.head), s["maml_inner_lr"], s["maml_inner_steps"], method == "l2l_fomaml", amp
+    )
 
 
 def check_same(s: dict, batch, seed: int) -> dict:
@@ -166,8 +180,13 @@ def check_same(s: dict, batch, seed: int) -> dict:
     for first_order in (False, True):
         torch.manual_seed(seed)
         backbone = backbones.create("conv4", in_channels=s["channels"], image_size=s["image_size"])
-        mf = learners.MAML(backbone, n_way=s["n_way"], inner_lr=s["maml_inner_lr"], inner_steps=s["maml_inner_steps"],
-                           first_order=first_order).train()
+        mf = learners.MAML(
+            backbone,
+            n_way=s["n_way"],
+            inner_lr=s["maml_inner_lr"],
+            inner_steps=s["maml_inner_steps"],
+            first_order=first_order,
+        ).train()
         l2 = L2LMAMLStep(l2l_model(mf.backbone, mf.head), s["maml_inner_lr"], s["maml_inner_steps"], first_order)
         loss_mf, _ = mf.meta_loss(batch)
         loss_mf.backward()
@@ -177,7 +196,10 @@ def check_same(s: dict, batch, seed: int) -> dict:
         rel = float((g_mf - g_l2).norm() / g_mf.norm())
         key = "fomaml" if first_order else "maml"
         out[key] = {"loss_metafew": loss_mf.detach().item(), "loss_l2l": float(loss_l2), "grad_rel_diff": rel}
-        if abs(out[key]["loss_metafew"] - out[key]["loss_l2l"]) > 1e-4 * max(1.0, abs(out[key]["loss_l2l"])) or rel > 1e-3:
+        if (
+            abs(out[key]["loss_metafew"] - out[key]["loss_l2l"]) > 1e-4 * max(1.0, abs(out[key]["loss_l2l"]))
+            or rel > 1e-3
+        ):
             raise AssertionError(f"metafew and learn2learn {key} disagree: {out[key]}")
     return out
 
@@ -197,16 +219,27 @@ def bench(name: str, args: argparse.Namespace) -> dict:
     from metafew.data import EpisodeSampler
 
     s = SETTINGS[name]
-    print(f"\n== {s['title']}: {s['n_way']}-way {s['k_shot']}-shot {s['n_query']}-query, meta-batch {s['meta_batch']}, "
-          f"MAML {s['maml_inner_steps']} inner step(s) at lr {s['maml_inner_lr']}", flush=True)
+    print(
+        f"\n== {s['title']}: {s['n_way']}-way {s['k_shot']}-shot {s['n_query']}-query, meta-batch {s['meta_batch']}, "
+        f"MAML {s['maml_inner_steps']} inner step(s) at lr {s['maml_inner_lr']}",
+        flush=True,
+    )
     ds = load_dataset(name, args.data_root)
     sampler = EpisodeSampler(ds, s["n_way"], s["k_shot"], s["n_query"], seed=args.seed, device="cpu")
     pool = [sampler.sample_batch(s["meta_batch"]) for _ in range(args.pool)]
-    res: dict = {"setting": dict(s, iters=args.iters, warmup=args.warmup, repeats=args.repeats, pool=args.pool, amp=args.amp)}
+    res: dict = {
+        "setting": dict(s, iters=args.iters, warmup=args.warmup, repeats=args.repeats, pool=args.pool, amp=args.amp)
+    }
     if args.check:
         res["check"] = check_same(s, pool[0], args.seed)
-        print("   check: " + ", ".join(f"{k} loss {v['loss_metafew']:.5f} vs {v['loss_l2l']:.5f}, grad rel diff {v['grad_rel_diff']:.1e}"
-                                       for k, v in res["check"].items()), flush=True)
+        print(
+            "   check: "
+            + ", ".join(
+                f"{k} loss {v['loss_metafew']:.5f} vs {v['loss_l2l']:.5f}, grad rel diff {v['grad_rel_diff']:.1e}"
+                for k, v in res["check"].items()
+            ),
+            flush=True,
+        )
     methods = [m for m in METHODS if m in args.methods]
     steps = {m: build(name, m, s, args.seed, args.amp) for m in methods}
     cursor = {m: 0 for m in methods}
@@ -220,11 +253,13 @@ def bench(name: str, args: argparse.Namespace) -> dict:
         print(f"   round {r + 1}: " + ", ".join(f"{m} {v[-1]:.3f} it/s" for m, v in runs.items()), flush=True)
     res["iters_per_s"] = {m: statistics.median(v) for m, v in runs.items()}
     res["iters_per_s_rounds"] = runs
-    res["ratio"] = {f"{a}/{b}": res["iters_per_s"][a] / res["iters_per_s"][b]
-                    for a, b in PAIRS.items() if a in runs and b in runs}
+    res["ratio"] = {
+        f"{a}/{b}": res["iters_per_s"][a] / res["iters_per_s"][b] for a, b in PAIRS.items() if a in runs and b in runs
+    }
     # ratio per round too: the two sides of a round ran back to back under the same load
-    res["ratio_rounds"] = {f"{a}/{b}": [x / y for x, y in zip(runs[a], runs[b])]
-                           for a, b in PAIRS.items() if a in runs and b in runs}
+    res["ratio_rounds"] = {
+        f"{a}/{b}": [x / y for x, y in zip(runs[a], runs[b])] for a, b in PAIRS.items() if a in runs and b in runs
+    }
     return res
 
 
@@ -264,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
     set_threads(args.threads)
-    return run_datasets(p, args, SETTINGS, bench, markdown, "meta-training iterations per second (higher is better)\n\n")
+    return run_datasets(
+        p, args, SETTINGS, bench, markdown, "meta-training iterations per second (higher is better)\n\n"
+    )
 
 
 if __name__ == "__main__":

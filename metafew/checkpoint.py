@@ -40,8 +40,8 @@ import torch
 from torch import nn
 
 from .backbones.registry import describe
-from .paths import atomic_write
 from .errors import CheckpointError
+from .paths import atomic_write
 
 FORMAT = "metafew"
 FORMAT_VERSION = 1
@@ -164,10 +164,10 @@ def _read(
             raw = meta.get(_META_KEY)
             if raw is None:
                 raise CheckpointError(f"{p} is not a metafew checkpoint (a safetensors file without a metafew record)")
-            body = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}  # noqa: SIM118 - safe_open has no __iter__
+            body = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except CheckpointError:
         raise
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a bad header
+    except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{p} is not a metafew checkpoint (not a readable safetensors file: {msg})") from e
     try:
@@ -178,7 +178,11 @@ def _read(
         raise CheckpointError(f"{p} is not a metafew checkpoint")
     version = doc.get("format_version")
     if version != FORMAT_VERSION:
-        hint = "a newer metafew wrote it; upgrade metafew" if isinstance(version, int) and version > FORMAT_VERSION else "re-save it"
+        hint = (
+            "a newer metafew wrote it; upgrade metafew"
+            if isinstance(version, int) and version > FORMAT_VERSION
+            else "re-save it"
+        )
         raise CheckpointError(
             f"{p} has checkpoint format version {version}, this metafew reads version {FORMAT_VERSION} ({hint})"
         )
@@ -243,7 +247,13 @@ def save_backbone(
         metafew_version=_version(),
         extra=dict(extra or {}),
     )
-    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "backbone", "record": record.to_dict(), "structure": None}
+    doc = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kind": "backbone",
+        "record": record.to_dict(),
+        "structure": None,
+    }
     return _write(checkpoint_path(path), dict(model.state_dict()), doc)
 
 
@@ -317,7 +327,9 @@ def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], where:
         raise CheckpointError(f"{where}: unexpected tensor {unexpected[0]!r}{more}")
     for k, v in own.items():
         if tuple(state[k].shape) != tuple(v.shape):
-            raise CheckpointError(f"{where}: tensor {k!r} has shape {tuple(state[k].shape)}, the model needs {tuple(v.shape)}")
+            raise CheckpointError(
+                f"{where}: tensor {k!r} has shape {tuple(state[k].shape)}, the model needs {tuple(v.shape)}"
+            )
 
 
 # -- generic states (learners, training runs) ------------------------------------
@@ -368,7 +380,7 @@ def _unflatten(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
         return [_unflatten(v, tensors) for v in obj]
     if isinstance(obj, dict):
         if len(obj) == 1:
-            (k, v), = obj.items()
+            ((k, v),) = obj.items()
             if k == _TENSOR:
                 return tensors[v]
             if k == _NDARRAY:
@@ -400,7 +412,9 @@ def save_state(
     if isinstance(state, nn.Module):
         state = _unwrap(state).state_dict()
     tensors: dict[str, torch.Tensor] = {}
-    flat = isinstance(state, Mapping) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
+    flat = isinstance(state, Mapping) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    )
     if flat:
         tensors = dict(state)  # a plain state_dict: tensors under their own names, no structure needed
         structure = None

@@ -60,32 +60,52 @@ class RunConfig:
     """
 
     # -- data ------------------------------------------------------------------------
-    dataset: str = field(default="omniglot", metadata=_opt("dataset name, e.g. omniglot, omniglot-lake, pneumoniamnist, caltech101, folder:PATH"))
+    dataset: str = field(
+        default="omniglot",
+        metadata=_opt("dataset name, e.g. omniglot, omniglot-lake, pneumoniamnist, caltech101, folder:PATH"),
+    )
     train_subset: str = field(default="train", metadata=_opt("subset to train on"))
     val_subset: str | None = field(default="val", metadata=_opt("subset to validate on ('none': no validation)"))
     test_subset: str = field(default="test", metadata=_opt("subset to test on"))
-    test: Literal["episodes", "lake"] = field(default="episodes", metadata=_opt("test on sampled episodes or Lake's 20 runs", cli=False))
+    test: Literal["episodes", "lake"] = field(
+        default="episodes", metadata=_opt("test on sampled episodes or Lake's 20 runs", cli=False)
+    )
     # -- model -----------------------------------------------------------------------
     learner: str = field(default="protonet", metadata=_opt("learner name (see metafew.list_learners())"))
     learner_options: dict[str, Any] = field(default_factory=dict, metadata=_opt("learner keyword options", cli=False))
-    backbone: str | None = field(default=None, metadata=_opt("backbone architecture: conv4, resnet12, resnet18 (default: conv4, or the checkpoint's)"))
+    backbone: str | None = field(
+        default=None,
+        metadata=_opt("backbone architecture: conv4, resnet12, resnet18 (default: conv4, or the checkpoint's)"),
+    )
     backbone_options: dict[str, Any] = field(default_factory=dict, metadata=_opt("backbone keyword options", cli=False))
-    backbone_checkpoint: str | None = field(default=None, metadata=_opt("start from a pretrained backbone file (metafew pretrain)"))
+    backbone_checkpoint: str | None = field(
+        default=None, metadata=_opt("start from a pretrained backbone file (metafew pretrain)")
+    )
     in_channels: int | None = field(default=None, metadata=_opt("image channels (default: the dataset's)", cli=False))
-    image_size: tuple[int, int] | None = field(default=None, metadata=_opt("image size (default: the dataset's)", cli=False))
+    image_size: tuple[int, int] | None = field(
+        default=None, metadata=_opt("image size (default: the dataset's)", cli=False)
+    )
     # -- episodes --------------------------------------------------------------------
     n_way: int = field(default=5, metadata=_opt("classes per episode (validation/test)"))
     k_shot: int = field(default=1, metadata=_opt("support images per class"))
     n_query: int = field(default=15, metadata=_opt("query images per class (validation/test)"))
     train_way: int | None = field(default=None, metadata=_opt("classes per training episode (default: --n-way)"))
-    train_shot: int | None = field(default=None, metadata=_opt("support images per class in training (default: --k-shot)"))
-    train_query: int | None = field(default=None, metadata=_opt("query images per class in training (default: --n-query)"))
+    train_shot: int | None = field(
+        default=None, metadata=_opt("support images per class in training (default: --k-shot)")
+    )
+    train_query: int | None = field(
+        default=None, metadata=_opt("query images per class in training (default: --n-query)")
+    )
     # -- optimisation ----------------------------------------------------------------
     steps: int = field(default=1000, metadata=_opt("meta-training steps (meta-batches)"))
     meta_batch_size: int = field(default=1, metadata=_opt("episodes per step"))
-    optimizer: str | dict[str, Any] | None = field(default=None, metadata=_opt("adam, adamw or sgd (default: the learner's)"))
+    optimizer: str | dict[str, Any] | None = field(
+        default=None, metadata=_opt("adam, adamw or sgd (default: the learner's)")
+    )
     lr: float | None = field(default=None, metadata=_opt("outer learning rate (default: the learner's)"))
-    schedule: str = field(default="constant", metadata={**_opt("learning-rate schedule (linear: to 0)"), "choices": list(_SCHEDULES)})
+    schedule: str = field(
+        default="constant", metadata={**_opt("learning-rate schedule (linear: to 0)"), "choices": list(_SCHEDULES)}
+    )
     step_size: int | None = field(default=None, metadata=_opt("steps between decays of the 'step' schedule"))
     gamma: float = field(default=0.5, metadata=_opt("decay factor of the 'step' schedule"))
     grad_clip: float | None = field(default=None, metadata=_opt("clip the gradient norm to this value"))
@@ -143,7 +163,14 @@ class RunConfig:
         integer("train_shot", 1, optional=True)
         integer("train_query", 1, optional=True)
         integer("steps", 0)
-        for key in ("meta_batch_size", "val_every", "log_every", "checkpoint_every", "eval_episodes", "eval_batch_size"):
+        for key in (
+            "meta_batch_size",
+            "val_every",
+            "log_every",
+            "checkpoint_every",
+            "eval_episodes",
+            "eval_batch_size",
+        ):
             integer(key, 1)
         integer("val_episodes", 0)
         integer("step_size", 1, optional=True)
@@ -154,12 +181,18 @@ class RunConfig:
         if self.test not in ("episodes", "lake"):
             raise ConfigError(f"{where}: test must be 'episodes' or 'lake', got {self.test!r}")
         if self.schedule not in _SCHEDULES:
-            raise ConfigError(f"{where}: schedule must be one of {', '.join(_SCHEDULES)}, got {self.schedule!r}{did_you_mean(str(self.schedule), list(_SCHEDULES))}")
+            raise ConfigError(
+                f"{where}: schedule must be one of {', '.join(_SCHEDULES)}, got {self.schedule!r}{did_you_mean(str(self.schedule), list(_SCHEDULES))}"
+            )
         if self.schedule == "step" and self.step_size is None:
             raise ConfigError(f"{where}: schedule 'step' needs step_size")
-        opt = self.optimizer["name"] if isinstance(self.optimizer, dict) and "name" in self.optimizer else self.optimizer
+        opt = (
+            self.optimizer["name"] if isinstance(self.optimizer, dict) and "name" in self.optimizer else self.optimizer
+        )
         if opt is not None and str(opt).lower() not in _OPTIMIZERS:
-            raise ConfigError(f"{where}: optimizer must be one of {', '.join(_OPTIMIZERS)}, got {opt!r}{did_you_mean(str(opt), list(_OPTIMIZERS))}")
+            raise ConfigError(
+                f"{where}: optimizer must be one of {', '.join(_OPTIMIZERS)}, got {opt!r}{did_you_mean(str(opt), list(_OPTIMIZERS))}"
+            )
         if self.amp not in _AMP:
             raise ConfigError(f"{where}: amp must be 'bf16', 'fp16' or none, got {self.amp!r}")
 
@@ -181,8 +214,18 @@ class RunConfig:
 
     def train_key(self) -> str:
         """Short hash of everything that determines the trained weights (not evaluation or naming)."""
-        skip = {"name", "test", "test_subset", "n_query", "eval_episodes", "eval_batch_size", "log_every",
-                "checkpoint_every", "in_channels", "image_size"}
+        skip = {
+            "name",
+            "test",
+            "test_subset",
+            "n_query",
+            "eval_episodes",
+            "eval_batch_size",
+            "log_every",
+            "checkpoint_every",
+            "in_channels",
+            "image_size",
+        }
         d = {k: v for k, v in self.to_dict().items() if k not in skip}
         if d.get("amp") is None:
             d.pop("amp")  # keeps the run folders of 0.1.0 (which had no amp field) valid
@@ -199,7 +242,9 @@ class RunConfig:
         known = cls.field_names()
         unknown = sorted(set(d) - set(known))
         if unknown:
-            raise ConfigError(f"{where}: unknown key {unknown[0]!r}{did_you_mean(unknown[0], known)} (known keys: {', '.join(sorted(known))})")
+            raise ConfigError(
+                f"{where}: unknown key {unknown[0]!r}{did_you_mean(unknown[0], known)} (known keys: {', '.join(sorted(known))})"
+            )
         try:
             return cls(**d)
         except ConfigError as e:
@@ -216,7 +261,9 @@ class RunConfig:
             )
         d = {k: v for k, v in dict(record["config"]).items() if k not in _LEGACY_KEYS | {"config_version"}}
         if version == 1 and record["config"].get("pretrained_backbone"):
-            d["backbone_checkpoint"] = None  # 0.1.0 recorded the file it started from; its weights are in the checkpoint
+            d["backbone_checkpoint"] = (
+                None  # 0.1.0 recorded the file it started from; its weights are in the checkpoint
+            )
         return cls.from_dict(d, where=str(path))
 
 
@@ -235,8 +282,12 @@ class PretrainConfig:
 
     dataset: str = field(default="omniglot", metadata=_opt("dataset name"))
     subset: str = field(default="train", metadata=_opt("subset of base classes to train on"))
-    val_subset: str | None = field(default=None, metadata=_opt("validation subset checked every epoch (few-shot accuracy)"))
-    dataset_options: dict[str, Any] = field(default_factory=dict, metadata=_opt("dataset keyword options, e.g. image_size", cli=False))
+    val_subset: str | None = field(
+        default=None, metadata=_opt("validation subset checked every epoch (few-shot accuracy)")
+    )
+    dataset_options: dict[str, Any] = field(
+        default_factory=dict, metadata=_opt("dataset keyword options, e.g. image_size", cli=False)
+    )
     backbone: str = field(default="conv4", metadata=_opt("backbone architecture"))
     backbone_options: dict[str, Any] = field(default_factory=dict, metadata=_opt("backbone keyword options", cli=False))
     epochs: int = field(default=30, metadata=_opt("passes over the training images"))
@@ -245,7 +296,10 @@ class PretrainConfig:
     weight_decay: float = field(default=5e-4, metadata=_opt("SGD weight decay"))
     label_smoothing: float = field(default=0.0, metadata=_opt("cross-entropy label smoothing"))
     augment: dict[str, Any] | None = field(default=None, metadata=_opt("on-device augmentation", cli=False))
-    keep: str = field(default="last", metadata={**_opt("keep the 'last' epoch or the 'best' on validation"), "choices": ["last", "best"]})
+    keep: str = field(
+        default="last",
+        metadata={**_opt("keep the 'last' epoch or the 'best' on validation"), "choices": ["last", "best"]},
+    )
     amp: str | None = field(default=None, metadata=_opt("mixed precision", cli=False))
     seed: int = field(default=0, metadata=_opt("seed", cli=False))
 
@@ -268,14 +322,18 @@ class PretrainConfig:
         if self.amp not in _AMP:
             raise ConfigError(f"{where}: amp must be 'bf16', 'fp16' or none, got {self.amp!r}")
         if self.augment is not None and (not isinstance(self.augment, dict) or self.augment.get("name") != "flipcrop"):
-            raise ConfigError(f"{where}: augment must be {{name = 'flipcrop', padding = N, flip = BOOL}} or absent, got {self.augment!r}")
+            raise ConfigError(
+                f"{where}: augment must be {{name = 'flipcrop', padding = N, flip = BOOL}} or absent, got {self.augment!r}"
+            )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "pretrain") -> PretrainConfig:
         known = [f.name for f in fields(cls)]
         unknown = sorted(set(d) - set(known))
         if unknown:
-            raise ConfigError(f"{where}: unknown key {unknown[0]!r}{did_you_mean(unknown[0], known)} (known keys: {', '.join(known)})")
+            raise ConfigError(
+                f"{where}: unknown key {unknown[0]!r}{did_you_mean(unknown[0], known)} (known keys: {', '.join(known)})"
+            )
         try:
             return cls(**d)
         except ConfigError as e:
@@ -309,18 +367,34 @@ def run_pretrain(
     from .engine.pretrain import pretrain
 
     dataset = load_dataset(recipe.dataset, recipe.subset, root=data_root, **recipe.dataset_options)
-    val = load_dataset(recipe.dataset, recipe.val_subset, root=data_root, **recipe.dataset_options) if recipe.val_subset else None
+    val = (
+        load_dataset(recipe.dataset, recipe.val_subset, root=data_root, **recipe.dataset_options)
+        if recipe.val_subset
+        else None
+    )
     augment = None
     if recipe.augment:
         opts = {k: v for k, v in recipe.augment.items() if k != "name"}
         augment = FlipCrop(**opts)
     path = checkpoint_path(out)
     pretrain(
-        recipe.backbone, dataset, epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr,
-        weight_decay=recipe.weight_decay, label_smoothing=recipe.label_smoothing, device=device, amp=recipe.amp,
-        val=val, augment=augment, seed=recipe.seed, out=path, progress=progress,
+        recipe.backbone,
+        dataset,
+        epochs=recipe.epochs,
+        batch_size=recipe.batch_size,
+        lr=recipe.lr,
+        weight_decay=recipe.weight_decay,
+        label_smoothing=recipe.label_smoothing,
+        device=device,
+        amp=recipe.amp,
+        val=val,
+        augment=augment,
+        seed=recipe.seed,
+        out=path,
+        progress=progress,
         log=log if log is not None else path.with_suffix(".log.jsonl"),
-        backbone_options=recipe.backbone_options or None, keep=recipe.keep,
+        backbone_options=recipe.backbone_options or None,
+        keep=recipe.keep,
     )
     return path
 
@@ -369,10 +443,14 @@ def build(config: RunConfig, *, device: str | torch.device = "auto", data_root: 
     size: tuple[int, int] = full.image_size  # type: ignore[assignment]
     torch.manual_seed(full.seed)
     if full.backbone_checkpoint:
-        backbone, _ = load_backbone(full.backbone_checkpoint, in_channels=full.in_channels, image_size=size, arch=full.backbone)
+        backbone, _ = load_backbone(
+            full.backbone_checkpoint, in_channels=full.in_channels, image_size=size, arch=full.backbone
+        )
         backbone.train()
     else:
-        backbone = create_backbone(full.backbone or "conv4", in_channels=full.in_channels or 3, image_size=size, **full.backbone_options)
+        backbone = create_backbone(
+            full.backbone or "conv4", in_channels=full.in_channels or 3, image_size=size, **full.backbone_options
+        )
     options = dict(full.learner_options)
     if "n_way" not in options and accepts(full.learner, "n_way"):
         options["n_way"] = full.train_setting[0]
@@ -420,15 +498,36 @@ def train_run(
     val = None
     if config.val_subset and config.val_episodes > 0:
         val_ds = load_dataset(config.dataset, config.val_subset, root=data_root)
-        val = EpisodeSampler(val_ds, config.n_way, config.k_shot, config.n_query, seed=config.seed, device=dev).fixed(config.val_episodes)
+        val = EpisodeSampler(val_ds, config.n_way, config.k_shot, config.n_query, seed=config.seed, device=dev).fixed(
+            config.val_episodes
+        )
     # The config that rebuilds this learner; the pretrained backbone's weights live in the checkpoint.
-    recorded = {**resolve(config, data_root=data_root).to_dict(), "backbone_checkpoint": None, "config_version": CONFIG_VERSION}
+    recorded = {
+        **resolve(config, data_root=data_root).to_dict(),
+        "backbone_checkpoint": None,
+        "config_version": CONFIG_VERSION,
+    }
     result = train(
-        learner, sampler, steps=config.steps, meta_batch_size=config.meta_batch_size, optimizer=config.optimizer,
-        lr=config.lr, schedule=config.schedule, step_size=config.step_size, gamma=config.gamma, val_episodes=val,
-        val_every=config.val_every, val_batch_size=config.eval_batch_size, log_every=config.log_every,
-        out_dir=out_dir, checkpoint_every=config.checkpoint_every, resume=resume, amp=config.amp,
-        grad_clip=config.grad_clip, progress=progress, seed=config.seed,
+        learner,
+        sampler,
+        steps=config.steps,
+        meta_batch_size=config.meta_batch_size,
+        optimizer=config.optimizer,
+        lr=config.lr,
+        schedule=config.schedule,
+        step_size=config.step_size,
+        gamma=config.gamma,
+        val_episodes=val,
+        val_every=config.val_every,
+        val_batch_size=config.eval_batch_size,
+        log_every=config.log_every,
+        out_dir=out_dir,
+        checkpoint_every=config.checkpoint_every,
+        resume=resume,
+        amp=config.amp,
+        grad_clip=config.grad_clip,
+        progress=progress,
+        seed=config.seed,
         config=recorded,
     )
     if result.checkpoint is not None and result.checkpoint.name == "best.safetensors":
@@ -436,14 +535,18 @@ def train_run(
     return learner, result
 
 
-def test_episodes(config: RunConfig, *, data_root: str | Path | None = None, device: str | torch.device = "auto") -> Any:
+def test_episodes(
+    config: RunConfig, *, data_root: str | Path | None = None, device: str | torch.device = "auto"
+) -> Any:
     """The fixed test episodes of ``config``: ``eval_episodes`` drawn with ``seed``, or Lake's 20 runs."""
     from .data import EpisodeSampler, lake_runs, load_dataset
 
     if config.test == "lake":
         return lake_runs(data_root)
     test_ds = load_dataset(config.dataset, config.test_subset, root=data_root)
-    return EpisodeSampler(test_ds, config.n_way, config.k_shot, config.n_query, seed=config.seed, device=device).fixed(config.eval_episodes)
+    return EpisodeSampler(test_ds, config.n_way, config.k_shot, config.n_query, seed=config.seed, device=device).fixed(
+        config.eval_episodes
+    )
 
 
 test_episodes.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
@@ -479,9 +582,14 @@ def load_run(
     elif "arch" in record:  # a bare pretrained backbone: wrap it in a learner
         rec = read_backbone_record(path)
         config = RunConfig(
-            learner=overrides.get("learner", "protonet"), backbone=rec.arch, backbone_options=dict(rec.options),
-            backbone_checkpoint=str(path), dataset=_loadable(record.get("dataset")), in_channels=rec.in_channels,
-            image_size=tuple(rec.image_size), steps=0,  # type: ignore[arg-type]
+            learner=overrides.get("learner", "protonet"),
+            backbone=rec.arch,
+            backbone_options=dict(rec.options),
+            backbone_checkpoint=str(path),
+            dataset=_loadable(record.get("dataset")),
+            in_channels=rec.in_channels,
+            image_size=tuple(rec.image_size),
+            steps=0,  # type: ignore[arg-type]
         )
         weights = None
     else:

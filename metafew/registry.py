@@ -142,6 +142,6 @@ class Registry(Generic[T]):
         for ep in entry_points(group=self.group or ""):
             try:
                 obj = ep.load()
-            except Exception as e:  # noqa: BLE001 - any import failure of a third-party plug-in
+            except Exception as e:
                 raise ConfigError(f"{self.kind} plug-in {ep.name!r} ({ep.value}) failed to load: {e}") from e
             self.register(ep.name, obj)

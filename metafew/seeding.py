@@ -29,7 +29,9 @@ def generator(seed: int, stream: str) -> torch.Generator:
 def seeded(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
     """Run with torch's global RNG (CPU, and ``device`` when it is CUDA) seeded, restoring it afterwards."""
     device = torch.device(device)
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    devices = (
+        [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    )
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield

@@ -25,6 +25,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
     torch.set_num_threads(1)
 
+
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 
 

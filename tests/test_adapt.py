@@ -23,7 +23,6 @@ from metafew.backbones import create
 from metafew.checkpoint import save_backbone
 from metafew.errors import CheckpointError, DatasetError
 
-
 # -- fixtures ---------------------------------------------------------------------------
 
 
@@ -87,7 +86,9 @@ def assert_one_line_error(rc: int, err: str, *needles: str) -> None:
 
 
 def test_adapt_pneumoniamnist_end_to_end(backbone_ckpt: Path, tmp_path: Path) -> None:
-    model = metafew.adapt("pneumoniamnist", backbone_ckpt, method="protonet", shots=10, eval_draws=5, max_eval=400, device="cpu")
+    model = metafew.adapt(
+        "pneumoniamnist", backbone_ckpt, method="protonet", shots=10, eval_draws=5, max_eval=400, device="cpu"
+    )
     r = model.report
     assert model.classes == ["normal", "pneumonia"] and r is not None
     assert r.draws == 5 and len(r.per_draw) == 5 and r.scored_per_draw == 400
@@ -189,7 +190,10 @@ def test_class_with_one_image_is_used_but_not_scored(
     assert any("cannot be evaluated" in n for n in model.report.notes)
     assert len(model.predict(root / "normal")) == 1
 
-    rc, out, err = cli(["adapt", "--data", root, "--backbone", backbone_ckpt, "--draws", "2", "--out", tmp_path / "m.safetensors"], capsys)
+    rc, out, err = cli(
+        ["adapt", "--data", root, "--backbone", backbone_ckpt, "--draws", "2", "--out", tmp_path / "m.safetensors"],
+        capsys,
+    )
     assert rc == 0, err
     assert "metafew: warning:" in err and "single image" in err and "Traceback" not in err
     assert "normal n/a" in out
@@ -198,7 +202,9 @@ def test_class_with_one_image_is_used_but_not_scored(
 def test_mixed_sizes_and_modes_work(backbone_ckpt: Path, rgb_backbone_ckpt: Path, folder: Path, tmp_path: Path) -> None:
     img = np.asarray(Image.open(folder / "normal" / "000.png"))
     Image.fromarray(np.stack([img] * 3, -1)).resize((90, 60)).save(folder / "normal" / "rgb.jpg")
-    Image.fromarray(np.stack([img] * 3 + [np.full_like(img, 255)], -1), "RGBA").resize((50, 50)).save(folder / "normal" / "rgba.png")
+    Image.fromarray(np.stack([img] * 3 + [np.full_like(img, 255)], -1), "RGBA").resize((50, 50)).save(
+        folder / "normal" / "rgba.png"
+    )
     Image.fromarray(img.astype(np.uint16) * 257).save(folder / "pneumonia" / "sixteen.png")
     Image.fromarray(img).convert("P").save(folder / "pneumonia" / "palette.gif")
     model = metafew.adapt(folder, backbone_ckpt, shots=5, eval_draws=2, device="cpu")
@@ -225,7 +231,9 @@ def test_backbone_module_needs_its_normalisation(folder: Path) -> None:
 
 
 def test_impossible_channel_conversion(backbone_ckpt: Path) -> None:
-    ds = metafew.FewShotDataset("five", [0, 0, 1, 1], ["a", "b"], torch.zeros(4, 5, 8, 8, dtype=torch.uint8), channels=5, image_size=(8, 8))
+    ds = metafew.FewShotDataset(
+        "five", [0, 0, 1, 1], ["a", "b"], torch.zeros(4, 5, 8, 8, dtype=torch.uint8), channels=5, image_size=(8, 8)
+    )
     with pytest.raises(DatasetError, match="5-channel"):
         metafew.adapt(ds, backbone_ckpt, shots=1, eval_draws=1, device="cpu")
 
@@ -233,9 +241,13 @@ def test_impossible_channel_conversion(backbone_ckpt: Path) -> None:
 # -- the command line ---------------------------------------------------------------------
 
 
-def test_cli_adapt_and_predict(backbone_ckpt: Path, folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_adapt_and_predict(
+    backbone_ckpt: Path, folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "out" / "xray.safetensors"
-    rc, stdout, err = cli(["adapt", "--data", folder, "--backbone", backbone_ckpt, "--shots", "5", "--draws", "3", "--out", out], capsys)
+    rc, stdout, err = cli(
+        ["adapt", "--data", folder, "--backbone", backbone_ckpt, "--shots", "5", "--draws", "3", "--out", out], capsys
+    )
     assert rc == 0, err
     assert "accuracy" in stdout and "AUC" in stdout and "recall" in stdout
     report = json.loads((tmp_path / "out" / "xray.report.json").read_text())
@@ -245,7 +257,9 @@ def test_cli_adapt_and_predict(backbone_ckpt: Path, folder: Path, tmp_path: Path
     assert Image.open(png).format == "PNG"
 
     csv_path = tmp_path / "pred.csv"
-    rc, _, err = cli(["predict", "--model", out, folder / "normal", folder / "pneumonia" / "000.png", "--out", csv_path], capsys)
+    rc, _, err = cli(
+        ["predict", "--model", out, folder / "normal", folder / "pneumonia" / "000.png", "--out", csv_path], capsys
+    )
     assert rc == 0, err
     rows = csv_path.read_text().splitlines()
     assert rows[0] == "path,class,p_normal,p_pneumonia" and len(rows) == 1 + 13
@@ -270,7 +284,9 @@ def test_cli_bad_file_named_or_skipped(
     rc, _, err = cli(["adapt", "--data", folder, "--backbone", backbone_ckpt, "--draws", "1", "--out", out], capsys)
     assert_one_line_error(rc, err, target.name, "--skip-bad")
     assert not out.exists() and not (tmp_path / "m.report.json").exists()
-    rc, _, err = cli(["adapt", "--data", folder, "--backbone", backbone_ckpt, "--draws", "1", "--out", out, "--skip-bad"], capsys)
+    rc, _, err = cli(
+        ["adapt", "--data", folder, "--backbone", backbone_ckpt, "--draws", "1", "--out", out, "--skip-bad"], capsys
+    )
     assert rc == 0, err
     assert target.name in err  # the warning names it
     assert target.exists()  # the user's file is left alone
@@ -281,10 +297,14 @@ def test_cli_bad_file_named_or_skipped(
         assert rc == 0 and len(stdout.splitlines()) == 1 + 12 and target.name in err
 
 
-def test_cli_refuses_to_overwrite(backbone_ckpt: Path, folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_refuses_to_overwrite(
+    backbone_ckpt: Path, folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     precious = tmp_path / "notes.safetensors"
     precious.write_bytes(b"not a model, but the user's data")
-    rc, _, err = cli(["adapt", "--data", folder, "--backbone", backbone_ckpt, "--draws", "1", "--out", precious], capsys)
+    rc, _, err = cli(
+        ["adapt", "--data", folder, "--backbone", backbone_ckpt, "--draws", "1", "--out", precious], capsys
+    )
     assert_one_line_error(rc, err, "refusing to overwrite", str(precious.name))
     assert precious.read_bytes() == b"not a model, but the user's data"
     assert not (tmp_path / "notes.report.json").exists()
@@ -292,21 +312,30 @@ def test_cli_refuses_to_overwrite(backbone_ckpt: Path, folder: Path, tmp_path: P
     backbone_copy = tmp_path / "backbone.safetensors"  # a metafew checkpoint, but not a model: refused too
     shutil.copy(backbone_ckpt, backbone_copy)
     before = backbone_copy.read_bytes()
-    rc, _, err = cli(["adapt", "--data", folder, "--backbone", backbone_copy, "--draws", "1", "--out", backbone_copy], capsys)
+    rc, _, err = cli(
+        ["adapt", "--data", folder, "--backbone", backbone_copy, "--draws", "1", "--out", backbone_copy], capsys
+    )
     assert_one_line_error(rc, err, "refusing to overwrite")
     assert backbone_copy.read_bytes() == before
 
     report = tmp_path / "m.report.json"
     report.write_text("{}")
-    rc, _, err = cli(["adapt", "--data", folder, "--backbone", backbone_ckpt, "--draws", "1", "--out", tmp_path / "m"], capsys)
+    rc, _, err = cli(
+        ["adapt", "--data", folder, "--backbone", backbone_ckpt, "--draws", "1", "--out", tmp_path / "m"], capsys
+    )
     assert_one_line_error(rc, err, "m.report.json")
     assert report.read_text() == "{}" and not (tmp_path / "m.safetensors").exists()
 
-    rc, _, err = cli(["adapt", "--data", folder, "--backbone", backbone_ckpt, "--draws", "1", "--out", folder / "m.safetensors"], capsys)
+    rc, _, err = cli(
+        ["adapt", "--data", folder, "--backbone", backbone_ckpt, "--draws", "1", "--out", folder / "m.safetensors"],
+        capsys,
+    )
     assert_one_line_error(rc, err, "inside the image folder")
     assert not (folder / "m.safetensors").exists()
 
-    rc, _, err = cli(["adapt", "--data", folder, "--backbone", backbone_ckpt, "--draws", "1", "--out", tmp_path / "ok"], capsys)
+    rc, _, err = cli(
+        ["adapt", "--data", folder, "--backbone", backbone_ckpt, "--draws", "1", "--out", tmp_path / "ok"], capsys
+    )
     assert rc == 0, err
     sheet = tmp_path / "results.csv"
     sheet.write_text("id,diagnosis\n1,normal\n")
@@ -315,7 +344,9 @@ def test_cli_refuses_to_overwrite(backbone_ckpt: Path, folder: Path, tmp_path: P
     assert sheet.read_text() == "id,diagnosis\n1,normal\n"
 
 
-def test_model_from_another_version(backbone_ckpt: Path, folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_model_from_another_version(
+    backbone_ckpt: Path, folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -323,7 +354,7 @@ def test_model_from_another_version(backbone_ckpt: Path, folder: Path, tmp_path:
     path = model.save(tmp_path / "m.safetensors")
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
     doc = json.loads(meta["metafew"])
     doc["record"]["model_format_version"] = 99
     doc["record"]["metafew_version"] = "9.0.0"
@@ -376,7 +407,9 @@ def write_version_1(model: metafew.AdaptedModel, path: Path, classifier_class: s
 
 
 @pytest.mark.parametrize("method", ["protonet", "maml"])
-def test_version_1_model_files_load_or_fail_naming_versions(method: str, backbone_ckpt: Path, folder: Path, tmp_path: Path) -> None:
+def test_version_1_model_files_load_or_fail_naming_versions(
+    method: str, backbone_ckpt: Path, folder: Path, tmp_path: Path
+) -> None:
     model = metafew.adapt(folder, backbone_ckpt, method=method, shots=3, eval_draws=2, device="cpu")
     files = sorted((folder / "pneumonia").glob("*.png"))[:4]
     old = metafew.load(write_version_1(model, tmp_path / "v1.safetensors"), device="cpu")

@@ -23,7 +23,11 @@ PACKAGE = Path(metafew.__file__).parent
 
 
 def all_modules() -> list[str]:
-    return sorted(m.name for m in pkgutil.walk_packages([str(PACKAGE)], "metafew.") if not m.name.startswith("metafew.suites") and m.name != "metafew.cli.__main__")
+    return sorted(
+        m.name
+        for m in pkgutil.walk_packages([str(PACKAGE)], "metafew.")
+        if not m.name.startswith("metafew.suites") and m.name != "metafew.cli.__main__"
+    )
 
 
 # -- discoverable from `import metafew` ----------------------------------------------------------
@@ -55,7 +59,8 @@ def test_docstring_examples_run(module):
 
 def test_every_public_function_has_an_example():
     missing = [
-        name for name in metafew.__all__
+        name
+        for name in metafew.__all__
         if inspect.isfunction(getattr(metafew, name)) and ">>>" not in (inspect.getdoc(getattr(metafew, name)) or "")
     ]
     assert not missing, f"public functions without a docstring example: {missing}"
@@ -80,7 +85,9 @@ def test_plugins_come_in_through_entry_points(monkeypatch):
         def load(self):
             return len
 
-    monkeypatch.setattr("metafew.registry.entry_points", lambda group: [FakeEntryPoint()] if group == "metafew.gadgets" else [])
+    monkeypatch.setattr(
+        "metafew.registry.entry_points", lambda group: [FakeEntryPoint()] if group == "metafew.gadgets" else []
+    )
     reg: Registry = Registry("gadget", group="metafew.gadgets")
     assert reg.get("plugged") is len and "plugged" in reg.names()
 
@@ -101,8 +108,27 @@ def test_a_new_learner_is_one_file(tmp_path, monkeypatch):
         assert type(learner).__name__ == "NearestMean"
         from metafew.cli.main import main
 
-        assert main(["train", "--learner", "nearest-mean-test", "--steps", "2", "--val-episodes", "0", "--train-way", "5",
-                     "--out", str(tmp_path / "run"), "--no-progress", "--device", "cpu"]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--learner",
+                    "nearest-mean-test",
+                    "--steps",
+                    "2",
+                    "--val-episodes",
+                    "0",
+                    "--train-way",
+                    "5",
+                    "--out",
+                    str(tmp_path / "run"),
+                    "--no-progress",
+                    "--device",
+                    "cpu",
+                ]
+            )
+            == 0
+        )
         assert type(metafew.load(tmp_path / "run" / "last.safetensors", device="cpu")).__name__ == "NearestMean"
     finally:
         LEARNERS._entries.pop("nearest-mean-test", None)
@@ -153,9 +179,22 @@ def test_a_010_checkpoint_still_loads(tmp_path):
     from metafew.checkpoint import save_state
 
     learner = build(RunConfig(in_channels=1, image_size=(28, 28)), device="cpu")
-    old = {"learner": "protonet", "n_way": 5, "k_shot": 1, "name": "protonet-5w1s", "dataset": "omniglot",
-           "published": 98.8, "source": "Snell et al. 2017", "notes": "", "metric": "accuracy", "backbone": "conv4",
-           "backbone_checkpoint": None, "pretrained_backbone": "x.safetensors", "in_channels": 1, "image_size": [28, 28]}
+    old = {
+        "learner": "protonet",
+        "n_way": 5,
+        "k_shot": 1,
+        "name": "protonet-5w1s",
+        "dataset": "omniglot",
+        "published": 98.8,
+        "source": "Snell et al. 2017",
+        "notes": "",
+        "metric": "accuracy",
+        "backbone": "conv4",
+        "backbone_checkpoint": None,
+        "pretrained_backbone": "x.safetensors",
+        "in_channels": 1,
+        "image_size": [28, 28],
+    }
     save_state(learner, tmp_path / "best.safetensors", {"config": old, "steps": 10})
     config, rebuilt, _ = load_run(tmp_path / "best.safetensors", device="cpu")
     assert config.learner == "protonet" and type(rebuilt).__name__ == "ProtoNet"
@@ -241,7 +280,9 @@ def test_no_upward_imports_and_no_import_circles():
         state[m] = 1
         for t in graph[m]:
             if state.get(t) == 1:
-                raise AssertionError(f"import circle: {' -> '.join([*path[path.index(t):], t]) if t in path else m + ' -> ' + t}")
+                raise AssertionError(
+                    f"import circle: {' -> '.join([*path[path.index(t) :], t]) if t in path else m + ' -> ' + t}"
+                )
             if t not in state:
                 visit(t, [*path, t])
         state[m] = 2

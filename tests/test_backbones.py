@@ -93,8 +93,11 @@ def test_weight_file_names_match_torchvision() -> None:
 
     from metafew.backbones.resnet18 import WEIGHT_FILES
 
-    for arch, enum in (("resnet18", models.ResNet18_Weights), ("resnet34", models.ResNet34_Weights),
-                       ("resnet50", models.ResNet50_Weights)):
+    for arch, enum in (
+        ("resnet18", models.ResNet18_Weights),
+        ("resnet34", models.ResNet34_Weights),
+        ("resnet50", models.ResNet50_Weights),
+    ):
         assert enum.IMAGENET1K_V1.url.rsplit("/", 1)[1] == WEIGHT_FILES[arch]
 
 
@@ -160,7 +163,9 @@ def test_checkpoint_round_trip(tmp_path: Path, name: str, channels: int, size: i
     torch.manual_seed(0)
     model = _trained_like(create(name, in_channels=channels, image_size=size, **small(name)))
     mean, std = [0.4] * channels, [0.3] * channels
-    path = save_backbone(model, tmp_path / "bb", mean=mean, std=std, dataset="toy", classes=["a", "b"], extra={"note": 1})
+    path = save_backbone(
+        model, tmp_path / "bb", mean=mean, std=std, dataset="toy", classes=["a", "b"], extra={"note": 1}
+    )
     assert path == tmp_path / "bb.safetensors" and path.is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
@@ -218,7 +223,7 @@ def _rewrite(path: Path, edit) -> None:
 
     with safe_open(str(path), "pt") as f:
         doc = json.loads(f.metadata()["metafew"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
     tensors, doc = edit(tensors, doc)
     save_file(tensors, str(path), metadata={"metafew": json.dumps(doc)})
 
@@ -270,14 +275,22 @@ def test_checkpoint_errors(saved: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda t, d: (t, {**d, "format_version": 2}), r"format version 2, this metafew reads version 1 \(a newer metafew"),
+        (
+            lambda t, d: (t, {**d, "format_version": 2}),
+            r"format version 2, this metafew reads version 1 \(a newer metafew",
+        ),
         (lambda t, d: (t, {**d, "format": "other"}), "is not a metafew checkpoint"),
         (lambda t, d: ({k: v for k, v in t.items() if k != "0.1.weight"}, d), "tensor '0.1.weight' is missing"),
         (lambda t, d: ({**t, "head.weight": torch.zeros(2)}, d), "unexpected tensor 'head.weight'"),
-        (lambda t, d: ({**t, "1.0.weight": torch.zeros(64, 64, 5, 5)}, d),
-         r"tensor '1.0.weight' has shape \(64, 64, 5, 5\), the model needs \(64, 64, 3, 3\)"),
+        (
+            lambda t, d: ({**t, "1.0.weight": torch.zeros(64, 64, 5, 5)}, d),
+            r"tensor '1.0.weight' has shape \(64, 64, 5, 5\), the model needs \(64, 64, 3, 3\)",
+        ),
         (lambda t, d: (t, {**d, "record": {**d["record"], "arch": "vit_h"}}), "unknown architecture 'vit_h'"),
-        (lambda t, d: (t, {**d, "record": {k: v for k, v in d["record"].items() if k != "mean"}}), "incomplete backbone record"),
+        (
+            lambda t, d: (t, {**d, "record": {k: v for k, v in d["record"].items() if k != "mean"}}),
+            "incomplete backbone record",
+        ),
     ],
     ids=["version", "format", "missing", "unexpected", "shape", "arch", "record"],
 )
@@ -374,8 +387,16 @@ def _split_images(ds: FewShotDataset, held_out: int) -> tuple[FewShotDataset, Fe
     val = rank >= counts - held_out
 
     def part(mask: torch.Tensor, name: str) -> FewShotDataset:
-        return FewShotDataset(name, ds.labels[mask], ds.classes, ds.images[mask], channels=ds.channels,
-                              image_size=ds.image_size, mean=ds.mean, std=ds.std)
+        return FewShotDataset(
+            name,
+            ds.labels[mask],
+            ds.classes,
+            ds.images[mask],
+            channels=ds.channels,
+            image_size=ds.image_size,
+            mean=ds.mean,
+            std=ds.std,
+        )
 
     return part(~val, ds.name + "-train"), part(val, ds.name + "-val")
 
@@ -388,8 +409,18 @@ def test_pretrain_omniglot_beats_chance(tmp_path: Path, omniglot_train: FewShotD
     train, val = _split_images(omniglot_train.subset(range(0, 100, 4)), held_out=4)
     entries: list[dict] = []
     backbone = metafew.pretrain(
-        "conv4", train, epochs=4, batch_size=32, lr=0.05, device="cpu", val=val, seed=0,
-        augment=FlipCrop(padding=2, flip=False), out=tmp_path / "conv4-omni", progress=False, log=entries.append,
+        "conv4",
+        train,
+        epochs=4,
+        batch_size=32,
+        lr=0.05,
+        device="cpu",
+        val=val,
+        seed=0,
+        augment=FlipCrop(padding=2, flip=False),
+        out=tmp_path / "conv4-omni",
+        progress=False,
+        log=entries.append,
     )
     assert [e["epoch"] for e in entries] == list(range(1, 5))
     assert entries[-1]["loss"] < 0.7 * entries[0]["loss"]
@@ -410,8 +441,17 @@ def test_pretrain_few_shot_validation_and_jsonl_log(
     """Validation on other classes (the val split) reports few-shot accuracy; the log can be a JSON-lines file."""
     train, val = omniglot_train.subset(range(0, 80, 4)), omniglot_val.subset(range(0, 40, 4))
     log = tmp_path / "log.jsonl"
-    backbone = metafew.pretrain("resnet12", train, epochs=2, batch_size=50, device="cpu", val=val,
-                                backbone_options={"widths": (8, 16, 24, 32)}, progress=False, log=log)
+    backbone = metafew.pretrain(
+        "resnet12",
+        train,
+        epochs=2,
+        batch_size=50,
+        device="cpu",
+        val=val,
+        backbone_options={"widths": (8, 16, 24, 32)},
+        progress=False,
+        log=log,
+    )
     lines = [json.loads(s) for s in log.read_text().splitlines()]
     assert [e["epoch"] for e in lines] == [1, 2]
     assert 0.3 < lines[-1]["val_fewshot_acc"] <= 1.0  # 5-way 5-shot: chance is 0.2
@@ -438,8 +478,14 @@ def test_pretrain_rejects_bad_input() -> None:
     with pytest.raises(MetafewError, match="built for 84x84 images but toy is 28x28"):
         metafew.pretrain(create("resnet12", in_channels=3, image_size=84), ds, epochs=1, device="cpu", progress=False)
     with pytest.raises(MetafewError, match="out= needs a backbone made by metafew.backbones.create"):
-        metafew.pretrain(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()), ds, epochs=1, device="cpu",
-                         progress=False, out="never-written")
+        metafew.pretrain(
+            nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()),
+            ds,
+            epochs=1,
+            device="cpu",
+            progress=False,
+            out="never-written",
+        )
     with pytest.raises(MetafewError, match="amp must be"):
         metafew.pretrain("conv4", ds, epochs=1, device="cpu", amp="fp8", progress=False)
 
@@ -450,8 +496,17 @@ def test_pretrain_cuda_amp(tmp_path: Path) -> None:
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g)
     ds = FewShotDataset("toy", torch.arange(64) % 4, list("abcd"), images, channels=3, image_size=(32, 32))
     for amp in ("bf16", "fp16"):
-        model = metafew.pretrain("resnet12", ds, epochs=1, batch_size=32, device="cuda", amp=amp, progress=False,
-                                 backbone_options={"widths": (8, 16, 24, 32)}, out=tmp_path / amp)
+        model = metafew.pretrain(
+            "resnet12",
+            ds,
+            epochs=1,
+            batch_size=32,
+            device="cuda",
+            amp=amp,
+            progress=False,
+            backbone_options={"widths": (8, 16, 24, 32)},
+            out=tmp_path / amp,
+        )
         assert next(model.parameters()).device.type == "cuda"
         loaded, _ = load_backbone(tmp_path / f"{amp}.safetensors", device="cuda")
         assert next(loaded.parameters()).device.type == "cuda"

@@ -52,8 +52,14 @@ def test_help(command, capsys):
 COMMON_FLAGS = ("--device", "--seed", "--data-root", "--amp", "--no-progress")
 
 
-@pytest.mark.parametrize("argv", [["data", "info", "omniglot", "--seed", "3"], ["data", "info", "omniglot", "--amp", "bf16"],
-                                  ["predict", "--model", "x.model", "y/", "--data-root", "z"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["data", "info", "omniglot", "--seed", "3"],
+        ["data", "info", "omniglot", "--amp", "bf16"],
+        ["predict", "--model", "x.model", "y/", "--data-root", "z"],
+    ],
+)
 def test_a_command_refuses_options_it_would_ignore(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
@@ -74,8 +80,9 @@ def test_unknown_dataset(capsys, tmp_path):
 
 
 def test_more_ways_than_classes(capsys, tmp_path):
-    code, _, err = run_cli(capsys, *TRAIN, "--train-subset", "val", "--n-way", "5000", "--steps", "1",
-                           "--out", str(tmp_path / "r"))
+    code, _, err = run_cli(
+        capsys, *TRAIN, "--train-subset", "val", "--n-way", "5000", "--steps", "1", "--out", str(tmp_path / "r")
+    )
     assert_one_line_error(code, err, "5000")
 
 
@@ -93,8 +100,24 @@ def test_bad_option_and_unknown_learner(capsys, tmp_path):
 
 def test_train_then_eval_and_wrong_architecture(capsys, tmp_path):
     out = tmp_path / "run"
-    code, stdout, err = run_cli(capsys, *TRAIN, "--n-way", "5", "--k-shot", "1", "--n-query", "3", "--steps", "3",
-                                "--val-episodes", "4", "--val-every", "2", "--out", str(out))
+    code, stdout, err = run_cli(
+        capsys,
+        *TRAIN,
+        "--n-way",
+        "5",
+        "--k-shot",
+        "1",
+        "--n-query",
+        "3",
+        "--steps",
+        "3",
+        "--val-episodes",
+        "4",
+        "--val-every",
+        "2",
+        "--out",
+        str(out),
+    )
     assert code == 0, err
     assert (out / "best.safetensors").is_file() and (out / "last.safetensors").is_file()
     assert len((out / "log.jsonl").read_text().splitlines()) >= 2
@@ -104,22 +127,47 @@ def test_train_then_eval_and_wrong_architecture(capsys, tmp_path):
     assert_one_line_error(code, err, "--resume")
 
     js = tmp_path / "eval.json"
-    code, stdout, err = run_cli(capsys, "eval", "--checkpoint", str(out / "best.safetensors"), "--device", "cpu",
-                                "--no-progress", "--episodes", "6", "--n-query", "3", "--json", str(js))
+    code, stdout, err = run_cli(
+        capsys,
+        "eval",
+        "--checkpoint",
+        str(out / "best.safetensors"),
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--episodes",
+        "6",
+        "--n-query",
+        "3",
+        "--json",
+        str(js),
+    )
     assert code == 0, err
     assert "5-way 1-shot" in stdout
     doc = json.loads(js.read_text())
     assert doc["episodes"] == 6 and len(doc["accuracies"]) == 6
 
     # Lake et al.'s 20 official runs, as an error rate
-    code, stdout, err = run_cli(capsys, "eval", "--checkpoint", str(out / "best.safetensors"), "--lake", "--device", "cpu",
-                                "--no-progress")
+    code, stdout, err = run_cli(
+        capsys, "eval", "--checkpoint", str(out / "best.safetensors"), "--lake", "--device", "cpu", "--no-progress"
+    )
     assert code == 0, err
     assert "error rate" in stdout and "20 runs" in stdout
 
     # a checkpoint of another architecture: one line, exit 2
-    code, _, err = run_cli(capsys, "eval", "--checkpoint", str(out / "best.safetensors"), "--backbone", "resnet12",
-                           "--device", "cpu", "--no-progress", "--episodes", "2")
+    code, _, err = run_cli(
+        capsys,
+        "eval",
+        "--checkpoint",
+        str(out / "best.safetensors"),
+        "--backbone",
+        "resnet12",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--episodes",
+        "2",
+    )
     assert_one_line_error(code, err, "best.safetensors")
     code, _, err = run_cli(capsys, "eval", "--checkpoint", str(tmp_path / "missing.safetensors"), "--no-progress")
     assert_one_line_error(code, err, "not found")
@@ -155,7 +203,9 @@ def test_bench_writes_json_markdown_and_plot(capsys, tmp_path):
     suite = tmp_path / "tiny.toml"
     suite.write_text(SUITE)
     out = tmp_path / "results" / "tiny.json"
-    code, stdout, err = run_cli(capsys, "bench", "--suite", str(suite), "--out", str(out), "--device", "cpu", "--no-progress")
+    code, stdout, err = run_cli(
+        capsys, "bench", "--suite", str(suite), "--out", str(out), "--device", "cpu", "--no-progress"
+    )
     assert code == 0, err
     doc = json.loads(out.read_text())
     assert doc["suite"] == "tiny" and len(doc["rows"]) == 2
@@ -168,7 +218,9 @@ def test_bench_writes_json_markdown_and_plot(capsys, tmp_path):
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # a second run reuses the trained and tested rows
-    code, stdout, err = run_cli(capsys, "bench", "--suite", str(suite), "--out", str(out), "--device", "cpu", "--no-progress")
+    code, stdout, err = run_cli(
+        capsys, "bench", "--suite", str(suite), "--out", str(out), "--device", "cpu", "--no-progress"
+    )
     assert code == 0 and json.loads(out.read_text())["rows"] == doc["rows"]
 
 
@@ -193,8 +245,9 @@ def test_shipped_suites_load():
 def test_console_script_one_line_error_without_traceback(tmp_path):
     script = Path(sys.executable).with_name("metafew")
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", "metafew.cli.main"]
-    bad = subprocess.run([*cmd, "train", "--dataset", "nope", "--out", str(tmp_path / "r")],
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [*cmd, "train", "--dataset", "nope", "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=120
+    )
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines() == [bad.stderr.strip()] and bad.stderr.startswith("metafew: error: ")

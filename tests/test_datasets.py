@@ -640,8 +640,17 @@ def test_third_party_dataset_is_loadable_by_name(scratch_registry: None, tmp_pat
         return {"path": str(tmp_path), "looked_in": [str(tmp_path)], "subsets": {"train": {"classes": 2, "images": 4}}}
 
     register_dataset(
-        DatasetSpec("squares", "tiny squares", ("train", "test"), "train", "https://example.org/squares", (1, 2, 3),
-                    load=load, info=info, options=("width",))
+        DatasetSpec(
+            "squares",
+            "tiny squares",
+            ("train", "test"),
+            "train",
+            "https://example.org/squares",
+            (1, 2, 3),
+            load=load,
+            info=info,
+            options=("width",),
+        )
     )
     assert "squares" in available_datasets() and available_datasets()["squares"].description == "tiny squares"
     ds = load_dataset("squares", "test", root=tmp_path, width=5)

@@ -13,8 +13,7 @@ import torch
 from metafew.backbones import create as create_backbone
 from metafew.checkpoint import load_state
 from metafew.data import EpisodeSampler
-from metafew.engine import plot_learning_curve
-from metafew.engine import evaluate, paired_difference, train
+from metafew.engine import evaluate, paired_difference, plot_learning_curve, train
 from metafew.engine.evaluate import macro_auc, mean_ci95
 from metafew.engine.train import lr_schedule
 from metafew.errors import ConfigError
@@ -42,14 +41,26 @@ class InterruptAt(EpisodeSampler):
 
 def run(out, sampler, steps, **kw):
     return train(
-        tiny_protonet(), sampler, steps=steps, meta_batch_size=2, out_dir=out, log_every=1, checkpoint_every=2,
-        schedule="step", step_size=2, gamma=0.5, progress=False, **kw,
+        tiny_protonet(),
+        sampler,
+        steps=steps,
+        meta_batch_size=2,
+        out_dir=out,
+        log_every=1,
+        checkpoint_every=2,
+        schedule="step",
+        step_size=2,
+        gamma=0.5,
+        progress=False,
+        **kw,
     )
 
 
 def test_resume_after_ctrl_c_continues_bit_identically(tmp_path, omniglot_train, omniglot_val):
     val = EpisodeSampler(omniglot_val, 5, 1, 5, seed=3, device="cpu").fixed(8)
-    whole = run(tmp_path / "a", EpisodeSampler(omniglot_train, 5, 1, 5, seed=1, device="cpu"), 7, val_episodes=val, val_every=3)
+    whole = run(
+        tmp_path / "a", EpisodeSampler(omniglot_train, 5, 1, 5, seed=1, device="cpu"), 7, val_episodes=val, val_every=3
+    )
 
     sampler = InterruptAt(omniglot_train, 5, 1, 5, seed=1, device="cpu", at=4)
     with pytest.raises(KeyboardInterrupt):
@@ -57,8 +68,14 @@ def test_resume_after_ctrl_c_continues_bit_identically(tmp_path, omniglot_train,
     state, record = load_state(tmp_path / "b" / "last.safetensors")
     assert record["step"] == 4  # the interrupted step finished, then the checkpoint was saved
 
-    resumed = run(tmp_path / "b", EpisodeSampler(omniglot_train, 5, 1, 5, seed=1, device="cpu"), 7,
-                  val_episodes=val, val_every=3, resume=True)
+    resumed = run(
+        tmp_path / "b",
+        EpisodeSampler(omniglot_train, 5, 1, 5, seed=1, device="cpu"),
+        7,
+        val_episodes=val,
+        val_every=3,
+        resume=True,
+    )
     losses = lambda r: [(h["step"], h["loss"], h["acc"], h["lr"], h.get("val_acc")) for h in r.history]  # noqa: E731
     assert losses(resumed) == losses(whole)  # exact float equality, step by step
     assert resumed.best_val_acc == whole.best_val_acc and resumed.best_step == whole.best_step
@@ -74,7 +91,10 @@ def test_resume_after_ctrl_c_continues_bit_identically(tmp_path, omniglot_train,
     assert (tmp_path / "b" / "best.safetensors").is_file()
     assert resumed.checkpoint == tmp_path / "b" / "best.safetensors"
     curve = tmp_path / "b" / "learning_curve.png"  # drawn at the end of the run, from the whole log
-    assert curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and curve.stat().st_mtime >= (tmp_path / "b" / "log.jsonl").stat().st_mtime
+    assert (
+        curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        and curve.stat().st_mtime >= (tmp_path / "b" / "log.jsonl").stat().st_mtime
+    )
     redrawn = plot_learning_curve(tmp_path / "b" / "log.jsonl", tmp_path / "again.png", title="from log.jsonl")
     assert redrawn.stat().st_size > 10_000
 
@@ -134,7 +154,9 @@ def test_macro_auc_matches_brute_force(n_way):
         scores = torch.randn(m, n_way, generator=gen)
         if trial % 2:
             scores = scores.round()  # many ties
-        assert macro_auc(scores, labels).item() == pytest.approx(brute_force_auc(scores.numpy(), labels.numpy()), abs=1e-12)
+        assert macro_auc(scores, labels).item() == pytest.approx(
+            brute_force_auc(scores.numpy(), labels.numpy()), abs=1e-12
+        )
     # batched over episodes: the same as one at a time
     s, y = torch.randn(6, 10, n_way, generator=gen), torch.randint(0, n_way, (6, 10), generator=gen)
     assert torch.allclose(macro_auc(s, y), torch.stack([macro_auc(s[i], y[i]) for i in range(6)]), equal_nan=True)

@@ -309,6 +309,7 @@ def test_batch_stats_bn_restores_modes_and_explicit_matches_fused(backbone):
     torch.testing.assert_close(fused, explicit, rtol=1e-4, atol=1e-5)
     bn = backbone[0][1]
     assert not bn.training and bn.track_running_stats and "forward" not in bn.__dict__
+
     def patched(x):
         return x
 
@@ -424,6 +425,8 @@ def test_the_bn_policy_object_decides(backbone, sampler):
         assert all(torch.equal(stats[k][0], expected[f"{k}.running_mean"]) for k in stats)
         learner.bn = Transductive()  # a policy set on the learner: batch statistics everywhere
         transductive = learner.adapt(sx, sy)
-        assert learner.bn_policy == "transductive" and not torch.allclose(transductive(q[:1]), transductive(q)[:1], atol=1e-3)
+        assert learner.bn_policy == "transductive" and not torch.allclose(
+            transductive(q[:1]), transductive(q)[:1], atol=1e-3
+        )
     for k, v in backbone.named_buffers():
         assert torch.equal(v, before[k]), k  # no policy touched the backbone's own statistics

@@ -31,12 +31,12 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "AdaptationReport",
-    "AdaptationWarning",
-    "AdaptedModel",
     "DEFAULT_OPTIONS",
     "METHODS",
     "MODEL_FORMAT_VERSION",
+    "AdaptationReport",
+    "AdaptationWarning",
+    "AdaptedModel",
     "Metrics",
     "OutputError",
     "Prediction",

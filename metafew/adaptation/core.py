@@ -28,7 +28,17 @@ from ..errors import ConfigError, DatasetError
 from ..learners import LEARNERS, available
 from ..learners import create as create_learner
 from ..seeding import derive_seed, generator
-from .estimate import AdaptationReport, BNStats, QueryBN, Shots, adapt_on, deployment_policy, draw_support, estimate, support_sizes
+from .estimate import (
+    AdaptationReport,
+    BNStats,
+    QueryBN,
+    Shots,
+    adapt_on,
+    deployment_policy,
+    draw_support,
+    estimate,
+    support_sizes,
+)
 from .inputs import resolve_backbone, resolve_data
 from .model import AdaptedModel
 
@@ -152,7 +162,11 @@ def adapt(
     support, _ = draw_support(labels, final_k, generator(seed, "final"))
     bn = deployment_policy(learner, bn_stats, query_bn)
     classifier = adapt_on(learner, images, labels, support, prep, dev, derive_seed(seed, "adapt-final"), bn)
-    folder = Path(data).expanduser().resolve() if isinstance(data, (str, os.PathLike)) and Path(data).expanduser().is_dir() else None
+    folder = (
+        Path(data).expanduser().resolve()
+        if isinstance(data, (str, os.PathLike)) and Path(data).expanduser().is_dir()
+        else None
+    )
     support_record = {
         "data": ds.name,
         "folder": str(folder) if folder else None,
@@ -175,4 +189,4 @@ def adapt(
     )
 
 
-__all__ = ["adapt", "default_options", "methods", "resolve_data", "resolve_backbone", "AdaptationReport"]
+__all__ = ["AdaptationReport", "adapt", "default_options", "methods", "resolve_backbone", "resolve_data"]

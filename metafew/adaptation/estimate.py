@@ -58,7 +58,9 @@ class AdaptationWarning(UserWarning):
 # -- support plans -------------------------------------------------------------------
 
 
-def support_sizes(counts: Sequence[int], shots: Shots, classes: Sequence[str]) -> tuple[list[int], list[int], list[str]]:
+def support_sizes(
+    counts: Sequence[int], shots: Shots, classes: Sequence[str]
+) -> tuple[list[int], list[int], list[str]]:
     """Per-class support sizes for the estimate draws and for the final model, and notes on them."""
     if shots != "all" and (not isinstance(shots, int) or isinstance(shots, bool) or shots < 1):
         raise DatasetError(f"shots must be a positive integer or 'all', got {shots!r}")
@@ -80,7 +82,9 @@ def support_sizes(counts: Sequence[int], shots: Shots, classes: Sequence[str]) -
             if 1 < n < shots:
                 notes.append(f"class {name!r} has only {n} images, fewer than shots={shots}: the model uses all {n}")
             if 1 < n <= shots:
-                notes.append(f"class {name!r}: the estimate adapts on {n - 1} of its {n} images per draw, scoring the one left out")
+                notes.append(
+                    f"class {name!r}: the estimate adapts on {n - 1} of its {n} images per draw, scoring the one left out"
+                )
         if n == 1:
             notes.append(
                 f"class {name!r} has a single image: it is used as support but cannot be evaluated "
@@ -215,7 +219,10 @@ class AdaptationReport:
         shots = "all images" if self.shots == "all" else f"{self.shots} images per class"
         lines = [f"{self.method}, support {shots}: {self.draws} support draws, scored on {self.evaluated_on}"]
         if self.accuracy is None:
-            lines.append("no estimate: " + ("no draws were asked for" if self.draws == 0 else "no class has an image left to score"))
+            lines.append(
+                "no estimate: "
+                + ("no draws were asked for" if self.draws == 0 else "no class has an image left to score")
+            )
         else:
             lines.append(f"accuracy           {self.accuracy}")
             if self.balanced_accuracy is not None:
@@ -334,16 +341,12 @@ def estimate(
             kept += len(held_logits[-1])
         total_conf += np.asarray(m.confusion)
         scored += m.n
-        per_draw.append(
-            {"accuracy": m.accuracy, "balanced_accuracy": m.balanced_accuracy, "auc": m.auc, "scored": m.n}
-        )
+        per_draw.append({"accuracy": m.accuracy, "balanced_accuracy": m.balanced_accuracy, "auc": m.auc, "scored": m.n})
         if progress is not None:
             progress(i + 1, draws_run)
         del classifier
     totals = total_conf.sum(1)
-    recall = {
-        classes[c]: (float(total_conf[c, c] / totals[c]) if totals[c] else None) for c in range(len(classes))
-    }
+    recall = {classes[c]: (float(total_conf[c, c] / totals[c]) if totals[c] else None) for c in range(len(classes))}
     temperature = None
     if held_logits and calibrate:
         temperature = fit_temperature(torch.cat(held_logits), torch.cat(held_labels))
@@ -374,4 +377,4 @@ def estimate(
     )
 
 
-__all__ = ["AdaptationReport", "AdaptationWarning", "Metrics", "Summary", "estimate", "support_sizes", "draw_support"]
+__all__ = ["AdaptationReport", "AdaptationWarning", "Metrics", "Summary", "draw_support", "estimate", "support_sizes"]

@@ -22,7 +22,6 @@ from ..data import FewShotDataset, ImageFolder, available_datasets, load_dataset
 from ..errors import ConfigError, DatasetError, DatasetNotFoundError
 from .preprocess import Preprocessing
 
-
 # -- the backbone ----------------------------------------------------------------------
 
 
@@ -52,12 +51,16 @@ def resolve_backbone(
     arch, channels, size = describe(backbone, "adapt")
     if mean is None or std is None:
         raise ConfigError(
-            "a backbone module needs mean= and std=: the normalisation it was trained with "
-            "(a checkpoint records them)"
+            "a backbone module needs mean= and std=: the normalisation it was trained with (a checkpoint records them)"
         )
     module = copy.deepcopy(backbone).to(device).eval()  # the caller's module is left where it is
     prep = Preprocessing(channels, size, _floats(mean, ()), _floats(std, ()))
-    info = {"arch": arch, "options": dict(getattr(backbone, "options", None) or {}), "checkpoint": None, "pretrained_on": None}
+    info = {
+        "arch": arch,
+        "options": dict(getattr(backbone, "options", None) or {}),
+        "checkpoint": None,
+        "pretrained_on": None,
+    }
     return module, prep, info
 
 
@@ -89,7 +92,9 @@ def resolve_data(
         raise DatasetError(f"data must be a folder, a dataset name or a FewShotDataset, got {type(data).__name__}")
     path = Path(data).expanduser()
     if path.exists():
-        return ImageFolder(path, image_size=prep.image_size, channels=prep.channels, on_error="skip" if skip_bad else "raise")
+        return ImageFolder(
+            path, image_size=prep.image_size, channels=prep.channels, on_error="skip" if skip_bad else "raise"
+        )
     name, _, sub = str(data).partition(":")
     names = [n for n in available_datasets() if ":" not in n]
     if name.lower() in names:

@@ -34,7 +34,9 @@ def macro_auc(scores: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tens
 
 def confusion_matrix(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
     """``[true, predicted]`` counts."""
-    return np.bincount(labels * num_classes + pred, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    return np.bincount(labels * num_classes + pred, minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes
+    )
 
 
 def recall_per_class(confusion: np.ndarray) -> list[float | None]:
@@ -64,7 +66,12 @@ def wilson_interval(correct: int, total: int) -> tuple[float, float]:
 
 
 def bootstrap_auc_interval(
-    scores: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, num_classes: int, *, resamples: int = 500, seed: int = 0
+    scores: np.ndarray | torch.Tensor,
+    labels: np.ndarray | torch.Tensor,
+    num_classes: int,
+    *,
+    resamples: int = 500,
+    seed: int = 0,
 ) -> tuple[float, float] | None:
     """Percentile 95% bootstrap interval of the macro AUC (resampling images), or None."""
     gen = torch.Generator().manual_seed(seed)
@@ -181,7 +188,12 @@ def plot_confusion(
     for i in range(n):
         for j in range(n):
             ax.text(
-                j, i, f"{int(c[i, j])}\n{frac[i, j]:.0%}", ha="center", va="center", fontsize=9,
+                j,
+                i,
+                f"{int(c[i, j])}\n{frac[i, j]:.0%}",
+                ha="center",
+                va="center",
+                fontsize=9,
                 color="white" if frac[i, j] > 0.6 else "black",
             )
     ax.set_xticks(range(n), labels=list(classes), rotation=45 if n > 3 else 0, ha="right" if n > 3 else "center")

@@ -147,7 +147,12 @@ class AdaptedModel:
 
     # -- evaluation ----------------------------------------------------------------
     def evaluate(
-        self, data: FewShotDataset | str | os.PathLike[str], *, split: str = "test", skip_bad: bool = False, batch_size: int = 256
+        self,
+        data: FewShotDataset | str | os.PathLike[str],
+        *,
+        split: str = "test",
+        skip_bad: bool = False,
+        batch_size: int = 256,
     ) -> Metrics:
         """Accuracy (with a Wilson 95% interval), balanced accuracy, AUC (bootstrap 95% interval),
         per-class recall and confusion matrix on a labelled set.
@@ -162,7 +167,9 @@ class AdaptedModel:
         m = compute_metrics(logits.log_softmax(-1), labels, self.classes, intervals=True)
         missing = [c for c in self.classes if c not in ds.classes]
         if missing:
-            m.notes.append(f"{ds.name} has no images of class(es) {', '.join(map(repr, missing))}: their recall is unknown")
+            m.notes.append(
+                f"{ds.name} has no images of class(es) {', '.join(map(repr, missing))}: their recall is unknown"
+            )
         return m
 
     def _map_labels(self, ds: FewShotDataset) -> Tensor:
@@ -213,7 +220,7 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "auto") -
     p = _existing_path(path)
     state, record = load_state(p, "cpu")
     if record.get("model_format") != MODEL_FORMAT:
-        what = record.get("arch") and "a backbone checkpoint" or "a metafew checkpoint"
+        what = (record.get("arch") and "a backbone checkpoint") or "a metafew checkpoint"
         raise CheckpointError(f"{p} is {what}, not an adapted model (make one with `metafew adapt`)")
     version = record.get("model_format_version")
 
@@ -231,7 +238,9 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "auto") -
     try:
         prep = Preprocessing.from_dict(record["preprocessing"])
         bb = record["backbone"]
-        backbone = create_backbone(bb["arch"], in_channels=prep.channels, image_size=prep.image_size, **(bb.get("options") or {}))
+        backbone = create_backbone(
+            bb["arch"], in_channels=prep.channels, image_size=prep.image_size, **(bb.get("options") or {})
+        )
         learner = create_learner(record["method"], backbone, **(record.get("options") or {}))
         if version == 1:
             state = _state_from_v1(state, record, learner.classifier_type.__name__)
@@ -296,4 +305,4 @@ def _version() -> str:
     return __version__
 
 
-__all__ = ["AdaptedModel", "MODEL_FORMAT_VERSION", "Prediction", "load"]
+__all__ = ["MODEL_FORMAT_VERSION", "AdaptedModel", "Prediction", "load"]

@@ -40,7 +40,7 @@ def is_model_file(path: Path) -> bool:
             raw = (f.metadata() or {}).get("metafew")
         record = json.loads(raw or "{}").get("record") or {}
         return record.get("model_format") == MODEL_FORMAT
-    except Exception:  # noqa: BLE001 - anything unreadable is not one of ours
+    except Exception:
         return False
 
 
@@ -48,7 +48,7 @@ def _is_report(path: Path) -> bool:
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f).get("format") == REPORT_FORMAT
-    except Exception:  # noqa: BLE001
+    except Exception:
         return False
 
 
@@ -58,7 +58,7 @@ def _is_png(path: Path) -> bool:
 
         with Image.open(path) as img:
             return img.format == "PNG" and str(img.info.get("Software", "")).startswith("metafew")
-    except Exception:  # noqa: BLE001
+    except Exception:
         return False
 
 
@@ -71,7 +71,7 @@ def _is_predictions(path: Path) -> bool:
                 return json.load(f).get("format") == PREDICTIONS_FORMAT
         first = next(csv.reader(io.StringIO(head)), [])
         return len(first) >= 3 and first[:2] == ["path", "class"] and all(c.startswith("p_") for c in first[2:])
-    except Exception:  # noqa: BLE001
+    except Exception:
         return False
 
 
@@ -97,21 +97,21 @@ def check_output(path: str | os.PathLike[str], kind: Kind, *, protect: Path | No
         else:
             raise OutputError(f"refusing to write {p} inside the image folder {protect}; choose a path outside it")
     if p.is_dir():
-        raise OutputError(f"{p} is a folder; give a file name, e.g. {p / ('model.safetensors' if kind == 'model' else 'out')}")
+        raise OutputError(
+            f"{p} is a folder; give a file name, e.g. {p / ('model.safetensors' if kind == 'model' else 'out')}"
+        )
     if p.exists() or p.is_symlink():
         ok, what = _CHECKS[kind]
         if not ok(p):
-            raise OutputError(f"refusing to overwrite {p}: it exists and is not {what} (choose another path or remove it)")
+            raise OutputError(
+                f"refusing to overwrite {p}: it exists and is not {what} (choose another path or remove it)"
+            )
     if p.parent != Path("") and not p.parent.exists():
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise OutputError(f"cannot create the folder {p.parent} for {p.name}: {e.strerror}") from e
     return p
-
-
-
-
 
 
 def write_text(path: Path, text: str) -> Path:

@@ -72,7 +72,12 @@ class Preprocessing:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (saved with an adapted model); :meth:`from_dict` reads it back."""
-        return {"channels": self.channels, "image_size": list(self.image_size), "mean": list(self.mean), "std": list(self.std)}
+        return {
+            "channels": self.channels,
+            "image_size": list(self.image_size),
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocessing:

@@ -53,7 +53,9 @@ def create(
     name = name.lower()
     weights = options.get("weights")
     if isinstance(weights, str) and f"{weights.lower()}-{name}" in WEIGHTS:
-        return _shipped(name, weights.lower(), in_channels, image_size, {k: v for k, v in options.items() if k != "weights"})
+        return _shipped(
+            name, weights.lower(), in_channels, image_size, {k: v for k, v in options.items() if k != "weights"}
+        )
     in_channels = 3 if in_channels is None else in_channels
     image_size = 84 if image_size is None else image_size
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
@@ -83,9 +85,13 @@ def _shipped(
 
     entry = WEIGHTS.get(f"{weights}-{name}")
     if not entry.available:
-        raise CheckpointError(f"pretrained backbone {entry.name!r} is declared but its file {entry.path} is missing; reinstall metafew")
+        raise CheckpointError(
+            f"pretrained backbone {entry.name!r} is declared but its file {entry.path} is missing; reinstall metafew"
+        )
     if options:
-        raise ConfigError(f"backbone {name!r} with weights={weights!r}: options {sorted(options)} do not apply to shipped weights")
+        raise ConfigError(
+            f"backbone {name!r} with weights={weights!r}: options {sorted(options)} do not apply to shipped weights"
+        )
     model, _ = load_backbone(entry.path, in_channels=in_channels, image_size=image_size, arch=name)
     return model.train()
 

@@ -89,7 +89,7 @@ def load_torchvision_weights(model: nn.Module, arch: str, path: Path, in_channel
     """Copy a torchvision state dict into the adapted ``model`` (``fc`` dropped, ``conv1`` adapted or skipped)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is a checkpoint problem
+    except Exception as e:
         raise CheckpointError(f"cannot read {arch} weights {path}: {str(e).splitlines()[0] if str(e) else e!r}") from e
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -98,7 +98,9 @@ def load_torchvision_weights(model: nn.Module, arch: str, path: Path, in_channel
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     conv1 = state.get("conv1.weight")
     if conv1 is not None and tuple(conv1.shape) != (64, 3, 7, 7):
-        raise CheckpointError(f"{path}: tensor 'conv1.weight' has shape {tuple(conv1.shape)}, {arch} needs (64, 3, 7, 7)")
+        raise CheckpointError(
+            f"{path}: tensor 'conv1.weight' has shape {tuple(conv1.shape)}, {arch} needs (64, 3, 7, 7)"
+        )
     if small_input:
         state.pop("conv1.weight", None)
     elif conv1 is not None:

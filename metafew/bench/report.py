@@ -64,16 +64,26 @@ def write_plot(suite: Suite, rows: list[dict[str, Any]], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(rows) + 2), 4.2))
     try:
         ax.errorbar(
-            [i - 0.1 for i in x], [_value(r) for r in rows], yerr=[r["accuracy_ci95"] for r in rows],
-            fmt="o", capsize=4, label="metafew (95% CI)",
+            [i - 0.1 for i in x],
+            [_value(r) for r in rows],
+            yerr=[r["accuracy_ci95"] for r in rows],
+            fmt="o",
+            capsize=4,
+            label="metafew (95% CI)",
         )
         pub = [(i + 0.1, r["published"]) for i, r in zip(x, rows) if r["published"] is not None]
         if pub:
             ax.scatter([p[0] for p in pub], [p[1] for p in pub], marker="x", color="C3", zorder=3, label="published")
         metrics = {r.get("metric", "accuracy") for r in rows}
-        ax.set_ylabel({"accuracy": "accuracy (%)", "error": "error rate (%)"}.get(metrics.pop(), "%") if len(metrics) == 1 else "accuracy / error (%)")
+        ax.set_ylabel(
+            {"accuracy": "accuracy (%)", "error": "error rate (%)"}.get(metrics.pop(), "%")
+            if len(metrics) == 1
+            else "accuracy / error (%)"
+        )
         ax.set_xticks(x)
-        ax.set_xticklabels([r.get("name") or f"{r['learner']} {r['n_way']}w{r['k_shot']}s" for r in rows], rotation=30, ha="right")
+        ax.set_xticklabels(
+            [r.get("name") or f"{r['learner']} {r['n_way']}w{r['k_shot']}s" for r in rows], rotation=30, ha="right"
+        )
         ax.set_title(f"metafew benchmark: {suite.name}")
         ax.grid(axis="y", alpha=0.3)
         ax.legend(loc="best", fontsize="small")

@@ -31,8 +31,20 @@ from .suite import BenchRow, Suite
 
 # Keys of every JSON row, in order (more may follow: name, metric, error_rate...).
 ROW_KEYS = (
-    "dataset", "learner", "backbone", "n_way", "k_shot", "n_query", "episodes", "accuracy_mean", "accuracy_ci95",
-    "train_steps", "train_seconds", "device", "published", "source",
+    "dataset",
+    "learner",
+    "backbone",
+    "n_way",
+    "k_shot",
+    "n_query",
+    "episodes",
+    "accuracy_mean",
+    "accuracy_ci95",
+    "train_steps",
+    "train_seconds",
+    "device",
+    "published",
+    "source",
 )
 
 
@@ -42,7 +54,9 @@ def result_row(bench: BenchRow, ev: EvalResult, tr: TrainResult | None, device: 
     row: dict[str, Any] = {
         "dataset": spec.dataset,
         "learner": spec.learner,
-        "backbone": (spec.backbone or "conv4") if not spec.backbone_checkpoint else f"pretrained {Path(spec.backbone_checkpoint).name}",
+        "backbone": (spec.backbone or "conv4")
+        if not spec.backbone_checkpoint
+        else f"pretrained {Path(spec.backbone_checkpoint).name}",
         "n_way": ev.n_way,
         "k_shot": ev.k_shot,
         "n_query": ev.n_query,
@@ -159,7 +173,9 @@ def run_suite(
     results: list[dict[str, Any]] = []
     for i, bench in enumerate(rows, 1):
         spec = bench.config
-        log(f"[{i}/{len(rows)}] {spec.name}: {spec.dataset} {spec.n_way}-way {spec.k_shot}-shot, {spec.learner}, {spec.steps} steps")
+        log(
+            f"[{i}/{len(rows)}] {spec.name}: {spec.dataset} {spec.n_way}-way {spec.k_shot}-shot, {spec.learner}, {spec.steps} steps"
+        )
         start = time.perf_counter()
         row = run_row(bench, work, data_root=data_root, device=dev, amp=amp, progress=progress)
         results.append(row)

@@ -66,7 +66,9 @@ class BenchRow:
     def __post_init__(self) -> None:
         if self.metric not in ("accuracy", "error"):
             raise ConfigError(f"row {self.name}: metric must be 'accuracy' or 'error', got {self.metric!r}")
-        if self.published is not None and (not isinstance(self.published, (int, float)) or isinstance(self.published, bool)):
+        if self.published is not None and (
+            not isinstance(self.published, (int, float)) or isinstance(self.published, bool)
+        ):
             raise ConfigError(f"row {self.name}: published must be a number, got {self.published!r}")
         for key in ("source", "notes"):
             if not isinstance(getattr(self, key), str):
@@ -87,7 +89,9 @@ class BenchRow:
         known = RunConfig.field_names() + list(cls.REPORT_KEYS)
         unknown = sorted(set(d) - set(known))
         if unknown:
-            raise ConfigError(f"{where}: unknown key {unknown[0]!r}{did_you_mean(unknown[0], known)} (known keys: {', '.join(sorted(known))})")
+            raise ConfigError(
+                f"{where}: unknown key {unknown[0]!r}{did_you_mean(unknown[0], known)} (known keys: {', '.join(sorted(known))})"
+            )
         missing = [k for k in ("learner", "n_way", "k_shot") if k not in d]
         if missing:
             raise ConfigError(f"{where}: missing {missing[0]!r}")
@@ -117,7 +121,9 @@ def resolve_suite(name_or_path: str | Path) -> Path:
             return c
     shipped = sorted(x.stem for x in SUITES_DIR.glob("*.toml")) if SUITES_DIR.is_dir() else []
     hint = f"; available suites: {', '.join(shipped)}" if shipped else ""
-    raise ConfigError(f"suite {str(name_or_path)!r} not found (not a file, nor benchmarks/suites/{name_or_path}.toml){hint}")
+    raise ConfigError(
+        f"suite {str(name_or_path)!r} not found (not a file, nor benchmarks/suites/{name_or_path}.toml){hint}"
+    )
 
 
 def load_suite(name_or_path: str | Path) -> Suite:
@@ -133,7 +139,9 @@ def load_suite(name_or_path: str | Path) -> Suite:
         raise ConfigError(f"{path} is not a `metafew bench` suite; run it with `python {doc['runner']}`")
     extra = sorted(set(doc) - {"name", "description", "defaults", "rows", "pretrain"})
     if extra:
-        raise ConfigError(f"{path}: unknown top-level key {extra[0]!r} (expected name, description, [pretrain], [defaults], [[rows]])")
+        raise ConfigError(
+            f"{path}: unknown top-level key {extra[0]!r} (expected name, description, [pretrain], [defaults], [[rows]])"
+        )
     pretrain = None
     if "pretrain" in doc:
         if not isinstance(doc["pretrain"], dict):
@@ -147,8 +155,10 @@ def load_suite(name_or_path: str | Path) -> Suite:
         raise ConfigError(f"{path}: [defaults] must be a table, got {defaults!r}")
     if not isinstance(rows_doc, list):
         raise ConfigError(f"{path}: rows must be [[rows]] tables, got {rows_doc!r}")
-    rows = [BenchRow.from_dict({**defaults, **r} if isinstance(r, dict) else r, where=f"{path.name} row {i + 1}")
-            for i, r in enumerate(rows_doc)]
+    rows = [
+        BenchRow.from_dict({**defaults, **r} if isinstance(r, dict) else r, where=f"{path.name} row {i + 1}")
+        for i, r in enumerate(rows_doc)
+    ]
     names = [r.name for r in rows]
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup:

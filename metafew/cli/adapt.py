@@ -45,22 +45,38 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "result classifies images it has not seen, and save the model for `metafew predict`.",
         epilog=EPILOG,
     )
-    p.add_argument("--data", required=True, metavar="DIR|NAME", help="image folder root/<class>/<image>, or a dataset name")
-    p.add_argument("--backbone", required=True, metavar="CKPT", help="pretrained backbone checkpoint (metafew pretrain)")
+    p.add_argument(
+        "--data", required=True, metavar="DIR|NAME", help="image folder root/<class>/<image>, or a dataset name"
+    )
+    p.add_argument(
+        "--backbone", required=True, metavar="CKPT", help="pretrained backbone checkpoint (metafew pretrain)"
+    )
     from ..adaptation import methods
 
     p.add_argument("--method", default="protonet", choices=methods(), help="how to adapt (a registered learner)")
     p.add_argument("--shots", default="5", metavar="K|all", help="support images per class, or 'all'")
     p.add_argument("--out", required=True, metavar="MODEL", help="model file to write (.safetensors)")
     p.add_argument("--draws", type=int, default=20, help="support draws of the estimate (100 for a report; 0: none)")
-    p.add_argument("--report-dir", metavar="DIR", help="where to write the JSON report and PNG (default: next to MODEL)")
-    p.add_argument("--skip-bad", action="store_true", help="leave unreadable image files out (with a warning) instead of stopping")
+    p.add_argument(
+        "--report-dir", metavar="DIR", help="where to write the JSON report and PNG (default: next to MODEL)"
+    )
+    p.add_argument(
+        "--skip-bad", action="store_true", help="leave unreadable image files out (with a warning) instead of stopping"
+    )
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="learner option, repeatable (e.g. steps=200)")
     p.add_argument("--max-eval", type=int, default=2000, help="score at most this many held-out images per draw")
-    p.add_argument("--bn-stats", choices=["support", "backbone"], default="support",
-                   help="BatchNorm statistics of protonet/finetune: re-estimated on the support images, or the backbone's")
-    p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
-                   help="keep the learner's raw softmax (default: temperature fitted on the estimate's held-out predictions)")
+    p.add_argument(
+        "--bn-stats",
+        choices=["support", "backbone"],
+        default="support",
+        help="BatchNorm statistics of protonet/finetune: re-estimated on the support images, or the backbone's",
+    )
+    p.add_argument(
+        "--no-calibrate",
+        dest="calibrate",
+        action="store_false",
+        help="keep the learner's raw softmax (default: temperature fitted on the estimate's held-out predictions)",
+    )
     return p
 
 

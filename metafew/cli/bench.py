@@ -52,11 +52,21 @@ def run(args: argparse.Namespace) -> int:
             c = r.config
             way, shot, query = c.train_setting
             pub = f", published {r.published}" if r.published is not None else ""
-            print(f"  {r.name}: {c.dataset} {c.n_way}-way {c.k_shot}-shot, {c.learner}, {c.steps} steps "
-                  f"of {c.meta_batch_size} x {way}-way {shot}-shot {query}-query{pub}")
+            print(
+                f"  {r.name}: {c.dataset} {c.n_way}-way {c.k_shot}-shot, {c.learner}, {c.steps} steps "
+                f"of {c.meta_batch_size} x {way}-way {shot}-shot {query}-query{pub}"
+            )
         return 0
     out = Path(args.out or f"results/{suite.name}.json")
-    run_suite(suite, out, work_dir=args.work_dir, only=args.row, data_root=args.data_root, device=args.device,
-              amp=args.amp, progress=args.progress)
+    run_suite(
+        suite,
+        out,
+        work_dir=args.work_dir,
+        only=args.row,
+        data_root=args.data_root,
+        device=args.device,
+        amp=args.amp,
+        progress=args.progress,
+    )
     print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
     return 0

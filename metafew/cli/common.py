@@ -14,7 +14,11 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or not action.option_strings or any(action.default is v for v in (None, True, False, argparse.SUPPRESS)):
+        if (
+            "default" in text
+            or not action.option_strings
+            or any(action.default is v for v in (None, True, False, argparse.SUPPRESS))
+        ):
             return text
         return text + " (default: %(default)s)"
 
@@ -37,10 +41,16 @@ def common_parser(options: tuple[str, ...] = ALL_COMMON) -> argparse.ArgumentPar
     if "device" in options:
         g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     if "seed" in options:
-        g.add_argument("--seed", type=non_negative_int, default=0, help="seed of the initialisation and of the episodes")
+        g.add_argument(
+            "--seed", type=non_negative_int, default=0, help="seed of the initialisation and of the episodes"
+        )
     if "data_root" in options:
-        g.add_argument("--data-root", metavar="DIR", default=None,
-                       help="where datasets live (default: $METAFEW_DATA, else ~/.cache/metafew/data)")
+        g.add_argument(
+            "--data-root",
+            metavar="DIR",
+            default=None,
+            help="where datasets live (default: $METAFEW_DATA, else ~/.cache/metafew/data)",
+        )
     if "amp" in options:
         g.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="mixed precision (default: float32)")
     if "progress" in options:
@@ -53,7 +63,12 @@ def add_command(
 ) -> argparse.ArgumentParser:
     """A subcommand parser with the common options it honours (``common``) and a readable help layout."""
     return subparsers.add_parser(
-        name, help=help, description=description, epilog=epilog, parents=[common_parser(common)], formatter_class=HelpFormatter
+        name,
+        help=help,
+        description=description,
+        epilog=epilog,
+        parents=[common_parser(common)],
+        formatter_class=HelpFormatter,
     )
 
 

@@ -41,7 +41,11 @@ def _lines(info: Any, indent: str = "") -> list[str]:
     if isinstance(info, dict):
         out = []
         for k, v in info.items():
-            if isinstance(v, (dict, list)) and v and not all(isinstance(x, (int, float, str)) for x in (v.values() if isinstance(v, dict) else v)):
+            if (
+                isinstance(v, (dict, list))
+                and v
+                and not all(isinstance(x, (int, float, str)) for x in (v.values() if isinstance(v, dict) else v))
+            ):
                 out.append(f"{indent}{k}:")
                 out.extend(_lines(v, indent + "  "))
             else:

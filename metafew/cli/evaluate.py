@@ -12,7 +12,17 @@ from ..engine.evaluate import evaluate
 from .common import add_command, add_config_arguments, config_overrides, parse_options
 
 # RunConfig fields `metafew eval` takes, and the flag names it has always used for some of them.
-EVAL_FLAGS = ["dataset", "test_subset", "n_way", "k_shot", "n_query", "eval_episodes", "learner", "backbone", "eval_batch_size"]
+EVAL_FLAGS = [
+    "dataset",
+    "test_subset",
+    "n_way",
+    "k_shot",
+    "n_query",
+    "eval_episodes",
+    "learner",
+    "backbone",
+    "eval_batch_size",
+]
 EVAL_RENAMES = {"test_subset": "--subset", "eval_episodes": "--episodes", "eval_batch_size": "--batch-size"}
 
 EPILOG = """\
@@ -38,17 +48,30 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "confidence interval, and the macro one-vs-rest AUC for binary tasks (or with --auc).",
         epilog=EPILOG,
     )
-    p.add_argument("--checkpoint", required=True, metavar="FILE", help="best.safetensors / last.safetensors of a run, or a pretrained backbone")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="FILE",
+        help="best.safetensors / last.safetensors of a run, or a pretrained backbone",
+    )
     g = p.add_argument_group("episodes (default: the checkpoint's own)")
-    add_config_arguments(g, ["dataset", "test_subset", "n_way", "k_shot", "n_query"], flags=EVAL_RENAMES, show_defaults=False)
+    add_config_arguments(
+        g, ["dataset", "test_subset", "n_way", "k_shot", "n_query"], flags=EVAL_RENAMES, show_defaults=False
+    )
     add_config_arguments(g, ["eval_episodes"], flags=EVAL_RENAMES)
-    g.add_argument("--lake", action="store_true", help="Lake et al.'s 20 official 20-way 1-shot runs (reports the error rate)")
+    g.add_argument(
+        "--lake", action="store_true", help="Lake et al.'s 20 official 20-way 1-shot runs (reports the error rate)"
+    )
     g = p.add_argument_group("model (default: the checkpoint's own)")
     add_config_arguments(g, ["learner", "backbone"], show_defaults=False)
-    g.add_argument("--option", action="append", metavar="KEY=VALUE", help="learner option, repeatable (e.g. test_inner_steps=10)")
+    g.add_argument(
+        "--option", action="append", metavar="KEY=VALUE", help="learner option, repeatable (e.g. test_inner_steps=10)"
+    )
     g = p.add_argument_group("output")
     add_config_arguments(g, ["eval_batch_size"], flags=EVAL_RENAMES)
-    g.add_argument("--auc", action=argparse.BooleanOptionalAction, default=None, help="macro one-vs-rest AUC (default: for 2-way)")
+    g.add_argument(
+        "--auc", action=argparse.BooleanOptionalAction, default=None, help="macro one-vs-rest AUC (default: for 2-way)"
+    )
     g.add_argument("--json", metavar="FILE", help="also write the result (with per-episode accuracies) as JSON")
     return p
 
@@ -71,12 +94,20 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate(learner, episodes, batch_size=config.eval_batch_size, auc=args.auc, progress=args.progress)
     what = f"{config.learner} on {episodes.name}"
     if config.test == "lake":
-        print(f"{what}: error rate {100 * (1 - result.accuracy_mean):.2f} ± {100 * result.accuracy_ci95:.2f}% "
-              f"({result.episodes} runs; people: 4.5%)")
+        print(
+            f"{what}: error rate {100 * (1 - result.accuracy_mean):.2f} ± {100 * result.accuracy_ci95:.2f}% "
+            f"({result.episodes} runs; people: 4.5%)"
+        )
     else:
         print(f"{what}: {result}")
     if args.json:
-        doc = {"checkpoint": path, "learner": config.learner, "dataset": config.dataset, "device": describe_device(dev),
-               "config": config.to_dict(), **result.to_dict(per_episode=True)}
+        doc = {
+            "checkpoint": path,
+            "learner": config.learner,
+            "dataset": config.dataset,
+            "device": describe_device(dev),
+            "config": config.to_dict(),
+            **result.to_dict(per_episode=True),
+        }
         Path(args.json).expanduser().write_text(json.dumps(doc, indent=2) + "\n")
     return 0

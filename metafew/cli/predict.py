@@ -34,9 +34,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, metavar="MODEL", help="model file from `metafew adapt`")
     p.add_argument("images", nargs="+", metavar="IMAGES|DIR", help="image files and/or folders")
-    p.add_argument("--format", choices=["csv", "json"], default=None, help="output format (default: from --out's suffix, else csv)")
+    p.add_argument(
+        "--format", choices=["csv", "json"], default=None, help="output format (default: from --out's suffix, else csv)"
+    )
     p.add_argument("--out", metavar="FILE", help="write here instead of stdout")
-    p.add_argument("--skip-bad", action="store_true", help="leave unreadable files out (with a warning) instead of stopping")
+    p.add_argument(
+        "--skip-bad", action="store_true", help="leave unreadable files out (with a warning) instead of stopping"
+    )
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     return p
 

@@ -29,9 +29,30 @@ weights), OUT/log.jsonl and OUT/learning_curve.png. Evaluate with `metafew eval 
 
 # RunConfig fields `metafew train` takes as flags.
 CONFIG_FLAGS = [
-    "dataset", "learner", "backbone", "backbone_checkpoint", "n_way", "k_shot", "n_query", "train_way", "train_shot",
-    "train_query", "train_subset", "val_subset", "steps", "meta_batch_size", "optimizer", "lr", "schedule", "step_size",
-    "gamma", "grad_clip", "val_episodes", "val_every", "log_every", "checkpoint_every",
+    "dataset",
+    "learner",
+    "backbone",
+    "backbone_checkpoint",
+    "n_way",
+    "k_shot",
+    "n_query",
+    "train_way",
+    "train_shot",
+    "train_query",
+    "train_subset",
+    "val_subset",
+    "steps",
+    "meta_batch_size",
+    "optimizer",
+    "lr",
+    "schedule",
+    "step_size",
+    "gamma",
+    "grad_clip",
+    "val_episodes",
+    "val_every",
+    "log_every",
+    "checkpoint_every",
 ]
 
 
@@ -39,7 +60,9 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     title = "what to train (defaults: the suite row, else the usual few-shot settings)"
     g = p.add_argument_group(title)
     add_config_arguments(g, CONFIG_FLAGS)
-    g.add_argument("--option", action="append", metavar="KEY=VALUE", help="learner option, repeatable (e.g. inner_lr=0.4)")
+    g.add_argument(
+        "--option", action="append", metavar="KEY=VALUE", help="learner option, repeatable (e.g. inner_lr=0.4)"
+    )
     g.add_argument("--backbone-option", action="append", metavar="KEY=VALUE", help="backbone option, repeatable")
     g.add_argument("--suite", help="take the settings of a row of this benchmark suite (with --row)")
     g.add_argument("--row", help="row name in --suite")
@@ -57,13 +80,18 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         match = [r for r in suite.rows if r.name == args.row]
         if not match:
             names = [r.name for r in suite.rows]
-            raise ConfigError(f"suite {suite.name} has no row {args.row!r}{did_you_mean(args.row, names)}; rows: {', '.join(names)}")
+            raise ConfigError(
+                f"suite {suite.name} has no row {args.row!r}{did_you_mean(args.row, names)}; rows: {', '.join(names)}"
+            )
         base = match[0].config.to_dict()
     base.update(config_overrides(args, CONFIG_FLAGS))
     if args.option:
         base["learner_options"] = {**base.get("learner_options", {}), **parse_options(args.option, "--option")}
     if args.backbone_option:
-        base["backbone_options"] = {**base.get("backbone_options", {}), **parse_options(args.backbone_option, "--backbone-option")}
+        base["backbone_options"] = {
+            **base.get("backbone_options", {}),
+            **parse_options(args.backbone_option, "--backbone-option"),
+        }
     base["seed"] = args.seed
     if args.amp is not None:
         base["amp"] = args.amp
@@ -95,14 +123,21 @@ def run(args: argparse.Namespace) -> int:
     if (out / "last.safetensors").exists() and not (args.resume or args.overwrite):
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start afresh")
     way, shot, query = spec.train_setting
-    print(f"training {spec.learner} on {spec.dataset}/{spec.train_subset}: {way}-way {shot}-shot {query}-query, "
-          f"{spec.steps} steps x {spec.meta_batch_size} episodes -> {out}")
-    _, result = train_run(spec, out, data_root=args.data_root, device=args.device, progress=args.progress,
-                          resume=args.resume)
+    print(
+        f"training {spec.learner} on {spec.dataset}/{spec.train_subset}: {way}-way {shot}-shot {query}-query, "
+        f"{spec.steps} steps x {spec.meta_batch_size} episodes -> {out}"
+    )
+    _, result = train_run(
+        spec, out, data_root=args.data_root, device=args.device, progress=args.progress, resume=args.resume
+    )
     if result is None:
         print("steps = 0: nothing to train")
         return 0
-    best = f", best validation accuracy {100 * result.best_val_acc:.2f}% at step {result.best_step}" if result.best_val_acc is not None else ""
+    best = (
+        f", best validation accuracy {100 * result.best_val_acc:.2f}% at step {result.best_step}"
+        if result.best_val_acc is not None
+        else ""
+    )
     print(f"done: {result.steps} steps in {result.seconds:.0f} s{best}")
     print(f"weights: {result.checkpoint}")
     if result.out_dir is not None and (result.out_dir / "learning_curve.png").is_file():

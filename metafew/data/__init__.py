@@ -6,6 +6,7 @@ adds one from anywhere. Image decoding lives in :mod:`metafew.data.decode`, the 
 float normalisation in :mod:`metafew.data.normalize`.
 """
 
+from ..registry import import_submodules
 from .augment import FlipCrop
 from .base import FewShotDataset
 from .caltech101 import Caltech101
@@ -26,29 +27,27 @@ from .registry import (
     register_dataset,
 )
 
-from ..registry import import_submodules
-
 import_submodules(__name__, __path__)  # a new dataset is one file in this folder: it registers its own spec
 
 __all__ = [
-    "FewShotDataset",
+    "DATASETS",
+    "Caltech101",
+    "DatasetSpec",
     "Episode",
     "EpisodeBatch",
     "EpisodeSampler",
     "EpisodeSet",
+    "FewShotDataset",
     "FlipCrop",
+    "ImageFolder",
+    "MedMNIST",
     "Normalize",
     "Omniglot",
-    "lake_runs",
-    "MedMNIST",
-    "Caltech101",
-    "ImageFolder",
-    "DATASETS",
-    "DatasetSpec",
-    "register_dataset",
     "available_datasets",
     "dataset_info",
-    "load_dataset",
-    "download_dataset",
     "download_and_extract",
+    "download_dataset",
+    "lake_runs",
+    "load_dataset",
+    "register_dataset",
 ]

@@ -33,13 +33,13 @@ from .download import check_md5, dataset_not_found, download_and_extract, extrac
 from .registry import DatasetSpec, register_dataset
 
 __all__ = [
-    "Caltech101",
-    "CALTECH101_URL",
     "CALTECH101_MD5",
+    "CALTECH101_URL",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "SPLIT_SIZES",
     "SUBSETS",
+    "Caltech101",
     "caltech101_info",
     "caltech101_split",
     "find_caltech101",
@@ -126,7 +126,7 @@ def caltech101_split(classes: list[str], seed: int = 0) -> dict[str, list[str]]:
     }
 
 
-def Caltech101(  # noqa: N802 - reads like a class, returns the shared dataset type
+def Caltech101(
     subset: str = "train",
     root: str | os.PathLike[str] | None = None,
     download: bool = False,

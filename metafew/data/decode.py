@@ -33,21 +33,21 @@ from PIL import Image, UnidentifiedImageError
 from ..progress import progress
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
     "DECODE_ERRORS",
-    "is_image_file",
-    "image_channels",
-    "to_mode",
-    "cover_crop",
-    "to_array",
+    "IMAGE_EXTENSIONS",
     "convert_image",
-    "load_image",
+    "cover_crop",
     "decode_drawing",
-    "probe_image",
-    "decode_workers",
-    "parallel_chunks",
     "decode_files",
+    "decode_workers",
+    "image_channels",
+    "is_image_file",
+    "load_image",
+    "parallel_chunks",
     "probe_files",
+    "probe_image",
+    "to_array",
+    "to_mode",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")

@@ -25,13 +25,13 @@ from ..paths import cache_dir
 from ..progress import progress
 
 __all__ = [
-    "download_file",
-    "download_and_extract",
-    "extract_archive",
-    "md5sum",
     "check_md5",
     "check_md5_cached",
     "dataset_not_found",
+    "download_and_extract",
+    "download_file",
+    "extract_archive",
+    "md5sum",
 ]
 
 _CHUNK = 1 << 20
@@ -106,7 +106,9 @@ def download_file(url: str, dest: str | os.PathLike[str], md5: str | None = None
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as response:
             total = response.headers.get("Content-Length")
             size = int(total) if total and total.isdigit() else None
-            with progress(total=size, desc=f"downloading {dest.name}", unit="B", unit_scale=True, unit_divisor=1024) as bar:
+            with progress(
+                total=size, desc=f"downloading {dest.name}", unit="B", unit_scale=True, unit_divisor=1024
+            ) as bar:
                 for block in iter(lambda: response.read(_CHUNK), b""):
                     out.write(block)
                     h.update(block)
@@ -211,4 +213,3 @@ def dataset_not_found(
         f"{title} not found: looked for {where}. To get it, {how}point METAFEW_DATA "
         f"(or --data-root) at a folder that already has it. Official source: {' and '.join(urls)}"
     )
-

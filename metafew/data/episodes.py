@@ -51,7 +51,9 @@ class Episode:
         return self.query_y.shape[-1] // self.n_way
 
     def to(self, device: str | torch.device, non_blocking: bool = True) -> Episode:
-        return replace(self, **{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
+        return replace(
+            self, **{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)}
+        )
 
 
 @dataclass(frozen=True)
@@ -265,7 +267,11 @@ class EpisodeSampler:
         return self._images
 
     def _build(
-        self, idx: torch.Tensor, classes: torch.Tensor, aug_gen: torch.Generator | None, reuse: EpisodeBatch | None = None
+        self,
+        idx: torch.Tensor,
+        classes: torch.Tensor,
+        aug_gen: torch.Generator | None,
+        reuse: EpisodeBatch | None = None,
     ) -> tuple[torch.Tensor, ...]:
         """Support/query images and labels with a leading task dimension, from image indices ``[B, N, K+Q]``."""
         b, n = idx.shape[:2]

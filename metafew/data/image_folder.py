@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import DatasetError, DatasetNotFoundError
 from .base import FewShotDataset, cache_key, cached_array
-from .decode import (  # noqa: F401 - decode_workers, image_channels, load_image, parallel_chunks: re-exported
+from .decode import (
     IMAGE_EXTENSIONS,
     decode_files,
     decode_workers,
@@ -105,9 +105,7 @@ def _listing(root: Path) -> tuple[list[str], list[list[os.DirEntry[str]]], list[
                 if is_image_file(e.name):
                     imgs.append(e)
                 else:
-                    problems.append(
-                        (Path(e.path), f"is not an image file (supported: {' '.join(IMAGE_EXTENSIONS)})")
-                    )
+                    problems.append((Path(e.path), f"is not an image file (supported: {' '.join(IMAGE_EXTENSIONS)})"))
         classes.append(d.name)
         files.append(imgs)
     return classes, files, problems
@@ -142,7 +140,7 @@ def _as_size(image_size: int | tuple[int, int] | None) -> tuple[int, int] | None
     return size
 
 
-def ImageFolder(  # noqa: N802 - reads like a class, returns the shared dataset type
+def ImageFolder(
     root: str | os.PathLike[str],
     image_size: int | tuple[int, int] | None = None,
     channels: int | None = None,
@@ -303,8 +301,12 @@ def folder_info(root: Any = None, *, path: str) -> dict[str, Any]:
                     n = sum(1 for e in files if is_image_file(e.name))
                 classes += 1
                 images += n
-    return {**info, "subsets": {"all": {"classes": classes, "images": images}}, "found": True,
-            "path": str(base.absolute())}
+    return {
+        **info,
+        "subsets": {"all": {"classes": classes, "images": images}},
+        "found": True,
+        "path": str(base.absolute()),
+    }
 
 
 def _no_download(root: Any = None, *, path: str) -> list[Path]:

@@ -30,7 +30,7 @@ from .episodes import Episode, EpisodeSet
 from .normalize import Normalize
 from .omniglot import OMNIGLOT_MEAN, OMNIGLOT_STD
 
-__all__ = ["lake_runs", "find_lake_runs", "locate_lake_runs", "LAKE_RUNS_URL", "LAKE_RUNS_MD5"]
+__all__ = ["LAKE_RUNS_MD5", "LAKE_RUNS_URL", "find_lake_runs", "lake_runs", "locate_lake_runs"]
 
 LAKE_RUNS_URL = "https://github.com/brendenlake/omniglot/raw/master/python/one-shot-classification/all_runs.zip"
 LAKE_RUNS_MD5 = "e8996daecdf12afeeb4a53a179f06b19"
@@ -104,9 +104,7 @@ def _read_images(path: Path, size: int) -> np.ndarray:
     return out
 
 
-def lake_runs(
-    root: str | os.PathLike[str] | None = None, download: bool = False, image_size: int = 28
-) -> EpisodeSet:
+def lake_runs(root: str | os.PathLike[str] | None = None, download: bool = False, image_size: int = 28) -> EpisodeSet:
     """The 20 official 20-way 1-shot runs as an :class:`EpisodeSet` of CPU episodes.
 
     Episode ``r``: ``support_x`` = the 20 training drawings, ``support_y`` = ``0..19``

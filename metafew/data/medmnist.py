@@ -28,14 +28,14 @@ from .normalize import channel_stats
 from .registry import DatasetSpec, register_dataset
 
 __all__ = [
-    "MedMNIST",
     "MEDMNIST_INFO",
-    "MedMNISTInfo",
+    "SPLITS",
     "UNSUPPORTED",
+    "MedMNIST",
+    "MedMNISTInfo",
     "find_medmnist",
     "locate_medmnist",
     "medmnist_info",
-    "SPLITS",
 ]
 
 SPLITS = ("train", "val", "test")
@@ -65,8 +65,15 @@ MEDMNIST_INFO: dict[str, MedMNISTInfo] = {
         "a8b06965200029087d5bd730944a56c1",
         "multi-class",
         (
-            "adipose", "background", "debris", "lymphocytes", "mucus", "smooth muscle",
-            "normal colon mucosa", "cancer-associated stroma", "colorectal adenocarcinoma epithelium",
+            "adipose",
+            "background",
+            "debris",
+            "lymphocytes",
+            "mucus",
+            "smooth muscle",
+            "normal colon mucosa",
+            "cancer-associated stroma",
+            "colorectal adenocarcinoma epithelium",
         ),  # fmt: skip
         3,
         (89996, 10004, 7180),
@@ -75,8 +82,20 @@ MEDMNIST_INFO: dict[str, MedMNISTInfo] = {
         "02c8a6516a18b556561a56cbdd36c4a8",
         "multi-label, binary-class",
         (
-            "atelectasis", "cardiomegaly", "effusion", "infiltration", "mass", "nodule", "pneumonia",
-            "pneumothorax", "consolidation", "edema", "emphysema", "fibrosis", "pleural", "hernia",
+            "atelectasis",
+            "cardiomegaly",
+            "effusion",
+            "infiltration",
+            "mass",
+            "nodule",
+            "pneumonia",
+            "pneumothorax",
+            "consolidation",
+            "edema",
+            "emphysema",
+            "fibrosis",
+            "pleural",
+            "hernia",
         ),  # fmt: skip
         1,
         (78468, 11219, 22433),
@@ -85,8 +104,12 @@ MEDMNIST_INFO: dict[str, MedMNISTInfo] = {
         "0744692d530f8e62ec473284d019b0c7",
         "multi-class",
         (
-            "actinic keratoses and intraepithelial carcinoma", "basal cell carcinoma",
-            "benign keratosis-like lesions", "dermatofibroma", "melanoma", "melanocytic nevi",
+            "actinic keratoses and intraepithelial carcinoma",
+            "basal cell carcinoma",
+            "benign keratosis-like lesions",
+            "dermatofibroma",
+            "melanoma",
+            "melanocytic nevi",
             "vascular lesions",
         ),  # fmt: skip
         3,
@@ -112,9 +135,14 @@ MEDMNIST_INFO: dict[str, MedMNISTInfo] = {
         "7053d0359d879ad8a5505303e11de1dc",
         "multi-class",
         (
-            "basophil", "eosinophil", "erythroblast",
+            "basophil",
+            "eosinophil",
+            "erythroblast",
             "immature granulocytes(myelocytes, metamyelocytes and promyelocytes)",
-            "lymphocyte", "monocyte", "neutrophil", "platelet",
+            "lymphocyte",
+            "monocyte",
+            "neutrophil",
+            "platelet",
         ),  # fmt: skip
         3,
         (11959, 1712, 3421),
@@ -123,8 +151,13 @@ MEDMNIST_INFO: dict[str, MedMNISTInfo] = {
         "ebe78ee8b05294063de985d821c1c34b",
         "multi-class",
         (
-            "Collecting Duct, Connecting Tubule", "Distal Convoluted Tubule", "Glomerular endothelial cells",
-            "Interstitial endothelial cells", "Leukocytes", "Podocytes", "Proximal Tubule Segments",
+            "Collecting Duct, Connecting Tubule",
+            "Distal Convoluted Tubule",
+            "Glomerular endothelial cells",
+            "Interstitial endothelial cells",
+            "Leukocytes",
+            "Podocytes",
+            "Proximal Tubule Segments",
             "Thick Ascending Limb",
         ),  # fmt: skip
         1,
@@ -218,7 +251,7 @@ def _train_stats(name: str, path: Path, md5: str, channels: int) -> tuple[tuple[
     return mean, std
 
 
-def MedMNIST(  # noqa: N802 - reads like a class, returns the shared dataset type
+def MedMNIST(
     name: str,
     split: str = "train",
     root: str | os.PathLike[str] | None = None,

@@ -34,12 +34,12 @@ from .download import dataset_not_found, download_and_extract
 from .registry import DatasetSpec, register_dataset
 
 __all__ = [
-    "Omniglot",
+    "OMNIGLOT_MD5",
     "OMNIGLOT_MEAN",
     "OMNIGLOT_STD",
     "OMNIGLOT_URLS",
-    "OMNIGLOT_MD5",
     "SUBSETS",
+    "Omniglot",
     "decode_drawing",  # lives in .decode; re-exported
     "find_omniglot",
     "locate_omniglot",
@@ -179,7 +179,7 @@ def split_lines(subset: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def Omniglot(  # noqa: N802 - reads like a class, returns the shared dataset type
+def Omniglot(
     subset: str,
     split: str = "vinyals",
     root: str | os.PathLike[str] | None = None,
@@ -198,9 +198,7 @@ def Omniglot(  # noqa: N802 - reads like a class, returns the shared dataset typ
     if split not in SUBSETS:
         raise DatasetError(f"unknown Omniglot split {split!r}; choose one of {', '.join(SUBSETS)}")
     if subset not in SUBSETS[split]:
-        raise DatasetError(
-            f"unknown Omniglot {split} subset {subset!r}; choose one of {', '.join(SUBSETS[split])}"
-        )
+        raise DatasetError(f"unknown Omniglot {split} subset {subset!r}; choose one of {', '.join(SUBSETS[split])}")
     if not isinstance(image_size, int) or image_size < 1:
         raise DatasetError(f"image_size must be a positive integer, got {image_size!r}")
     base = locate_omniglot(root, download)
@@ -287,7 +285,7 @@ def _download_all(root: str | os.PathLike[str] | None = None) -> list[Path]:
     return [locate_omniglot(root, download=True), locate_lake_runs(root, download=True)]
 
 
-def _loader(split: str):  # noqa: ANN202 - the registry's load(subset, root, download, **options)
+def _loader(split: str):
     def load(subset: str, root: str | os.PathLike[str] | None, download: bool, **options: Any) -> FewShotDataset:
         return Omniglot(subset, split, root, download, **options)
 

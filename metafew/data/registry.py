@@ -34,11 +34,11 @@ from .base import FewShotDataset
 __all__ = [
     "DATASETS",
     "DatasetSpec",
-    "register_dataset",
     "available_datasets",
-    "load_dataset",
     "dataset_info",
     "download_dataset",
+    "load_dataset",
+    "register_dataset",
 ]
 
 Root = str | os.PathLike[str] | None
@@ -112,9 +112,7 @@ def available_datasets() -> dict[str, DatasetSpec]:
     ('train', 'val', 'test', 'trainval')
     """
     return {
-        spec.usage: spec
-        for _, spec in DATASETS.items()
-        if isinstance(spec, DatasetSpec) and spec.unsupported is None
+        spec.usage: spec for _, spec in DATASETS.items() if isinstance(spec, DatasetSpec) and spec.unsupported is None
     }
 
 

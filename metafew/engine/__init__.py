@@ -5,5 +5,14 @@ from .evaluate import EvalResult, PairedDifference, evaluate, paired_difference
 from .pretrain import pretrain
 from .train import TrainResult, load_weights, train
 
-__all__ = ["pretrain", "train", "evaluate", "EvalResult", "TrainResult", "PairedDifference", "paired_difference", "load_weights",
-           "plot_learning_curve"]
+__all__ = [
+    "EvalResult",
+    "PairedDifference",
+    "TrainResult",
+    "evaluate",
+    "load_weights",
+    "paired_difference",
+    "plot_learning_curve",
+    "pretrain",
+    "train",
+]

@@ -179,7 +179,9 @@ def evaluate(
                 for ep in batch:
                     logits = learner.adapt(ep.support_x, ep.support_y)(ep.query_x).float()
                     accs.append((logits.argmax(-1) == ep.query_y).double().mean().reshape(1))
-                    aucs.append(macro_auc(logits.double().log_softmax(-1), ep.query_y, n_way).reshape(1))  # log: no ties from saturated probabilities
+                    aucs.append(
+                        macro_auc(logits.double().log_softmax(-1), ep.query_y, n_way).reshape(1)
+                    )  # log: no ties from saturated probabilities
             else:
                 accs.append(learner.evaluate_batch(batch).double().reshape(-1))
             bar.update(len(batch))

@@ -209,7 +209,9 @@ def pretrain(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if isinstance(backbone, str):
-            backbone = create(backbone, in_channels=dataset.channels, image_size=dataset.image_size, **(backbone_options or {}))
+            backbone = create(
+                backbone, in_channels=dataset.channels, image_size=dataset.image_size, **(backbone_options or {})
+            )
         elif backbone_options:
             raise ConfigError("backbone_options only apply when backbone is a registry name")
         channels = getattr(backbone, "in_channels", dataset.channels)
@@ -238,7 +240,9 @@ def pretrain(
 
     params = list(backbone.parameters()) + list(head.parameters())
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
+    )
     scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16 and dev.type == "cuda")
     gen = torch.Generator().manual_seed(seed)
 
@@ -252,7 +256,12 @@ def pretrain(
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, desc=f"pretrain {getattr(backbone, 'name', type(backbone).__name__)}", disable=not progress, unit="step")
+    bar = tqdm(
+        total=total_steps,
+        desc=f"pretrain {getattr(backbone, 'name', type(backbone).__name__)}",
+        disable=not progress,
+        unit="step",
+    )
     history: list[dict[str, Any]] = []
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
     backbone.train()
@@ -296,7 +305,9 @@ def pretrain(
             if keep == "best" and score is not None and (best is None or score > best[0]):
                 best = (score, epoch, {k: v.detach().clone() for k, v in backbone.state_dict().items()})
             history.append(entry)
-            bar.set_postfix({k: round(v, 4) for k, v in entry.items() if k in ("loss", "acc", "val_acc", "val_fewshot_acc")})
+            bar.set_postfix(
+                {k: round(v, 4) for k, v in entry.items() if k in ("loss", "acc", "val_acc", "val_fewshot_acc")}
+            )
             emit(entry)
     finally:
         bar.close()
@@ -311,12 +322,24 @@ def pretrain(
         from ..checkpoint import save_backbone
 
         settings = {
-            "epochs": epochs, "batch_size": bs, "lr": lr, "weight_decay": weight_decay, "momentum": momentum,
-            "label_smoothing": label_smoothing, "amp": str(amp_dtype) if amp_dtype else None,
-            "augment": repr(augment) if augment is not None else None, "seed": seed, "keep": keep,
+            "epochs": epochs,
+            "batch_size": bs,
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "momentum": momentum,
+            "label_smoothing": label_smoothing,
+            "amp": str(amp_dtype) if amp_dtype else None,
+            "augment": repr(augment) if augment is not None else None,
+            "seed": seed,
+            "keep": keep,
         }
         save_backbone(
-            backbone, out, mean=dataset.mean, std=dataset.std, dataset=dataset.name, classes=dataset.classes,
+            backbone,
+            out,
+            mean=dataset.mean,
+            std=dataset.std,
+            dataset=dataset.name,
+            classes=dataset.classes,
             extra={"pretrain": settings, "final": history[-1], "chosen": chosen},
         )
     return backbone

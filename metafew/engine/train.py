@@ -162,8 +162,14 @@ def train(
 
     def save_last(final: bool = False) -> None:
         nonlocal plotted_at
-        state = {"learner": learner.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                 "sampler": sampler.state_dict(), "rng": _rng_state(), "sums": sums}
+        state = {
+            "learner": learner.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scaler": scaler.state_dict(),
+            "sampler": sampler.state_dict(),
+            "rng": _rng_state(),
+            "sums": sums,
+        }
         save_state(state, out / LAST, {**record, **run})  # type: ignore[operator]
         if run["history"] and (final or time.perf_counter() - plotted_at > 60):  # a plot a minute at most
             plot_learning_curve(run["history"], out / CURVE, title=str((config or {}).get("name", "")))  # type: ignore[operator]
@@ -198,11 +204,18 @@ def train(
             validate = val_episodes is not None and (step % val_every == 0 or last)
             if step % log_every == 0 or validate or last:
                 loss_sum, acc_sum, n = sums.tolist()
-                row = {"step": step, "loss": loss_sum / n, "acc": acc_sum / n, "lr": opt.param_groups[0]["lr"],
-                       "seconds": round(time.perf_counter() - start, 3)}
+                row = {
+                    "step": step,
+                    "loss": loss_sum / n,
+                    "acc": acc_sum / n,
+                    "lr": opt.param_groups[0]["lr"],
+                    "seconds": round(time.perf_counter() - start, 3),
+                }
                 sums.zero_()
                 if validate:
-                    row["val_acc"] = evaluate(learner, val_episodes, batch_size=val_batch_size, auc=False, progress=False).accuracy_mean
+                    row["val_acc"] = evaluate(
+                        learner, val_episodes, batch_size=val_batch_size, auc=False, progress=False
+                    ).accuracy_mean
                     if run["best_val_acc"] is None or row["val_acc"] > run["best_val_acc"]:
                         run["best_val_acc"], run["best_step"] = row["val_acc"], step
                         if out is not None:
@@ -250,7 +263,11 @@ def load_weights(learner: nn.Module, path: str | Path, device: str | torch.devic
 
 
 def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -269,7 +286,12 @@ def _tuples(x: Any) -> Any:
 
 
 def _load_last(
-    path: Path, learner: nn.Module, opt: torch.optim.Optimizer, scaler: Any, sampler: EpisodeSampler, device: torch.device
+    path: Path,
+    learner: nn.Module,
+    opt: torch.optim.Optimizer,
+    scaler: Any,
+    sampler: EpisodeSampler,
+    device: torch.device,
 ) -> tuple[dict[str, Any], torch.Tensor]:
     state, record = load_state(path)
     if not isinstance(state, dict) or not {"learner", "optimizer", "sampler", "rng"} <= set(state):

@@ -9,17 +9,26 @@ can be shared by all of them.
 
 from __future__ import annotations
 
+from ..registry import import_submodules
 from .base import Classifier, Learner
 from .finetune import FineTune
 from .maml import MAML
 from .protonet import ProtoNet
 from .registry import LEARNERS, accepts, available, create, register_learner
 from .reptile import Reptile
-from ..registry import import_submodules
 
 import_submodules(__name__, __path__)  # a new learner is one file in this folder: its decorator registers it
 
 __all__ = [
-    "Classifier", "FineTune", "LEARNERS", "Learner", "MAML", "ProtoNet", "Reptile",
-    "accepts", "available", "create", "register_learner",
+    "LEARNERS",
+    "MAML",
+    "Classifier",
+    "FineTune",
+    "Learner",
+    "ProtoNet",
+    "Reptile",
+    "accepts",
+    "available",
+    "create",
+    "register_learner",
 ]

@@ -36,7 +36,7 @@ from torch.func import functional_call
 from ..data.episodes import EpisodeBatch
 from ..device import autocast
 from ..errors import CheckpointError
-from .bn import BNPolicy, Frozen, Stats, batch_norm_explicit, batch_stats_bn
+from .bn import BNPolicy, Frozen, Stats
 
 
 class Tensors(nn.Module):
@@ -61,7 +61,7 @@ class Tensors(nn.Module):
     def __getitem__(self, name: str) -> Tensor:
         return self.get_buffer(name)
 
-    def __iter__(self):  # noqa: ANN204
+    def __iter__(self):
         return iter(self._names)
 
     def __len__(self) -> int:
@@ -103,7 +103,11 @@ class Classifier(nn.Module):
 
     def set_bn_stats(self, stats: Stats | None) -> None:
         """Keep (or drop, with None) the BatchNorm statistics that prediction normalises with."""
-        flat = None if stats is None else {f"{k}.{s}": t for k, (m, v) in stats.items() for s, t in (("mean", m), ("var", v))}
+        flat = (
+            None
+            if stats is None
+            else {f"{k}.{s}": t for k, (m, v) in stats.items() for s, t in (("mean", m), ("var", v))}
+        )
         self.bn_stats = None if flat is None else Tensors(flat)
 
     def support_stats(self) -> Stats | None:
@@ -119,7 +123,9 @@ class Classifier(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def from_state_dict(cls, learner: Learner, state: Mapping[str, Tensor], *, bn: BNPolicy | None = None) -> Classifier:
+    def from_state_dict(
+        cls, learner: Learner, state: Mapping[str, Tensor], *, bn: BNPolicy | None = None
+    ) -> Classifier:
         """Rebuild a classifier from its ``state_dict()`` around a freshly built ``learner``."""
         args: dict[str, Any] = {name: _entry(state, name) for name in cls.saved}
         stats = _entry(state, "bn_stats")

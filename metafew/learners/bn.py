@@ -63,7 +63,9 @@ class BNPolicy:
         """BatchNorm while fitting a classifier to the support set (``stats``: from :meth:`adapting_statistics`)."""
         return eval_mode(module)
 
-    def while_predicting(self, module: nn.Module, stats: Stats | None = None) -> contextlib.AbstractContextManager[None]:
+    def while_predicting(
+        self, module: nn.Module, stats: Stats | None = None
+    ) -> contextlib.AbstractContextManager[None]:
         """BatchNorm of an adapted classifier on query images (``stats``: its recorded support statistics)."""
         return self.while_adapting(module, stats)
 
@@ -129,7 +131,9 @@ class Transductive(BNPolicy):
     def while_adapting(self, module: nn.Module, stats: Stats | None = None) -> contextlib.AbstractContextManager[None]:
         return batch_stats_bn(module)
 
-    def while_predicting(self, module: nn.Module, stats: Stats | None = None) -> contextlib.AbstractContextManager[None]:
+    def while_predicting(
+        self, module: nn.Module, stats: Stats | None = None
+    ) -> contextlib.AbstractContextManager[None]:
         return batch_stats_bn(module) if stats is None else fixed_statistics(module, stats, float32=True)
 
     @torch.no_grad()
@@ -291,6 +295,14 @@ def _explicit_forward(m: _BatchNorm) -> Callable[[Tensor], Tensor]:
 
 
 __all__ = [
-    "BNPolicy", "Frozen", "Stats", "Transductive", "batch_norm_explicit", "batch_stats_bn",
-    "batchnorms", "fixed_statistics", "input_statistics", "running_statistics",
+    "BNPolicy",
+    "Frozen",
+    "Stats",
+    "Transductive",
+    "batch_norm_explicit",
+    "batch_stats_bn",
+    "batchnorms",
+    "fixed_statistics",
+    "input_statistics",
+    "running_statistics",
 ]

@@ -36,7 +36,16 @@ from torch.func import functional_call
 
 from ..data.episodes import EpisodeBatch
 from ..errors import MetafewError
-from .base import Classifier, Learner, Tensors, class_means, full_precision, infer_n_way, minibatch_indices, tensors_or_none
+from .base import (
+    Classifier,
+    Learner,
+    Tensors,
+    class_means,
+    full_precision,
+    infer_n_way,
+    minibatch_indices,
+    tensors_or_none,
+)
 from .bn import BNPolicy, Frozen, Stats
 from .registry import register_learner
 
@@ -104,8 +113,7 @@ class FineTune(Learner):
     def meta_loss(self, batch: EpisodeBatch) -> tuple[Tensor, Tensor]:
         """Not meta-trained: always raises (pretrain the backbone instead)."""
         raise MetafewError(
-            "FineTune has no meta-training; pretrain the backbone with metafew.pretrain, "
-            "then evaluate FineTune on it"
+            "FineTune has no meta-training; pretrain the backbone with metafew.pretrain, then evaluate FineTune on it"
         )
 
     # -- head and features -------------------------------------------------------

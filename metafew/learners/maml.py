@@ -131,11 +131,7 @@ class MAML(Learner):
     def _adapted_names(self, params: Params) -> list[str]:
         """Names the inner loop updates: the head, plus the trainable backbone parameters for 'all'."""
         trainable = {k for k, p in self.named_parameters() if p.requires_grad}
-        return [
-            k
-            for k in params
-            if k.startswith("head.") or (self.inner_params == "all" and k in trainable)
-        ]
+        return [k for k in params if k.startswith("head.") or (self.inner_params == "all" and k in trainable)]
 
     def features(self, params: Params, x: Tensor) -> Tensor:
         """Backbone features of ``x`` with the given parameters."""
@@ -159,9 +155,7 @@ class MAML(Learner):
         return {**theta, "head.weight": weight, "head.bias": bias}
 
     # -- the inner loop ----------------------------------------------------------
-    def inner_loop(
-        self, params: Params, x: Tensor, y: Tensor, steps: int, lr: float, *, create_graph: bool
-    ) -> Params:
+    def inner_loop(self, params: Params, x: Tensor, y: Tensor, steps: int, lr: float, *, create_graph: bool) -> Params:
         """``steps`` SGD steps on the cross-entropy of ``(x, y)``, functionally (autograd version).
 
         ``create_graph=True`` keeps the graph of the gradients (second-order MAML);
@@ -297,7 +291,7 @@ MAML.classifier_type = MAMLClassifier
 
 
 @register_learner("fomaml")
-def FOMAML(backbone: nn.Module, **options: Any) -> MAML:  # noqa: N802 - reads like the class it builds
+def FOMAML(backbone: nn.Module, **options: Any) -> MAML:
     """First-order MAML (Finn et al. 2017, FO-MAML): :class:`MAML` with ``first_order=True``."""
     if options.pop("first_order", True) is not True:
         raise ConfigError("learner 'fomaml' is MAML with first_order=True; use 'maml' for second order")

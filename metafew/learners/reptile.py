@@ -112,9 +112,7 @@ class Reptile(Learner):
 
     def meta_params(self) -> Params:
         """θ: the trainable backbone and head parameters by name (``backbone.*``, ``head.*``)."""
-        return {
-            k: p for k, p in self.named_parameters() if p.requires_grad and k.startswith(("backbone.", "head."))
-        }
+        return {k: p for k, p in self.named_parameters() if p.requires_grad and k.startswith(("backbone.", "head."))}
 
     def inner_train(
         self, x: Tensor, y: Tensor, steps: int, lr: float, bn: contextlib.AbstractContextManager[None] | None = None
