@@ -23,13 +23,15 @@ import hashlib
 import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from torch import nn
 
 from .errors import CheckpointError, ConfigError
-from .registry import did_you_mean
+from .registry import check_options, did_you_mean
+
+if TYPE_CHECKING:
+    from .learners.base import Learner
 
 #: Version of the ``config`` stored in checkpoint records. 0.1.0 stored a benchmark row
 #: (no ``config_version``); those still load (see :meth:`RunConfig.from_record`).
@@ -195,8 +197,26 @@ class RunConfig:
             )
         if self.amp not in _AMP:
             raise ConfigError(f"{where}: amp must be 'bf16', 'fp16' or none, got {self.amp!r}")
+        from .backbones import BACKBONES
+        from .learners import LEARNERS
+
+        # unknown names and options of the wrong type fail here, with a suggestion, before any work
+        check_options(LEARNERS.get(self.learner), self.learner_kwargs(), f"learner {self.learner!r}", None)
+        if self.backbone is not None:
+            BACKBONES.get(self.backbone)
 
     # -- derived settings --------------------------------------------------------------
+    def learner_kwargs(self) -> dict[str, Any]:
+        """The learner's keyword options: ``learner_options`` plus ``n_way`` and ``amp`` from the run, where it takes them."""
+        from .learners import accepts
+
+        options = dict(self.learner_options)
+        if "n_way" not in options and accepts(self.learner, "n_way"):
+            options["n_way"] = self.train_setting[0]
+        if self.amp and "amp" not in options and accepts(self.learner, "amp"):
+            options["amp"] = self.amp
+        return options
+
     @property
     def train_setting(self) -> tuple[int, int, int]:
         """(N, K, Q) of training episodes."""
@@ -424,7 +444,7 @@ def resolve(config: RunConfig, *, data_root: str | Path | None = None) -> RunCon
     return RunConfig(**d)
 
 
-def build(config: RunConfig, *, device: str | torch.device = "auto", data_root: str | Path | None = None) -> nn.Module:
+def build(config: RunConfig, *, device: str | torch.device = "auto", data_root: str | Path | None = None) -> Learner:
     """The backbone (new, or the pretrained ``backbone_checkpoint``) and learner of ``config``, on ``device``.
 
     Seeded by ``config.seed``; ``config`` itself is not changed (see :func:`resolve`).
@@ -436,7 +456,6 @@ def build(config: RunConfig, *, device: str | torch.device = "auto", data_root: 
     from .backbones import create as create_backbone
     from .checkpoint import load_backbone
     from .device import resolve_device
-    from .learners import accepts
     from .learners import create as create_learner
 
     full = resolve(config, data_root=data_root)
@@ -451,12 +470,7 @@ def build(config: RunConfig, *, device: str | torch.device = "auto", data_root: 
         backbone = create_backbone(
             full.backbone or "conv4", in_channels=full.in_channels or 3, image_size=size, **full.backbone_options
         )
-    options = dict(full.learner_options)
-    if "n_way" not in options and accepts(full.learner, "n_way"):
-        options["n_way"] = full.train_setting[0]
-    if full.amp and "amp" not in options and accepts(full.learner, "amp"):
-        options["amp"] = full.amp
-    return create_learner(full.learner, backbone, **options).to(resolve_device(device))
+    return create_learner(full.learner, backbone, **full.learner_kwargs()).to(resolve_device(device))
 
 
 def train_run(
@@ -467,7 +481,7 @@ def train_run(
     device: str | torch.device = "auto",
     progress: bool = True,
     resume: bool = True,
-) -> tuple[nn.Module, Any]:
+) -> tuple[Learner, Any]:
     """Meta-train ``config``'s learner (resuming in ``out_dir``) and load its best weights.
 
     Returns ``(learner, TrainResult)``; the result is None when ``config.steps == 0``.
@@ -554,7 +568,7 @@ test_episodes.__test__ = False  # type: ignore[attr-defined]  # not a pytest tes
 
 def load_run(
     path: str | Path, *, device: str | torch.device = "cpu", overrides: dict[str, Any] | None = None
-) -> tuple[RunConfig, nn.Module, dict[str, Any]]:
+) -> tuple[RunConfig, Learner, dict[str, Any]]:
     """Rebuild a trained learner from a checkpoint of :func:`train_run`, reading the file once.
 
     ``overrides`` change evaluation settings (dataset, N, K, ...) of the recorded config;
@@ -588,8 +602,8 @@ def load_run(
             backbone_checkpoint=str(path),
             dataset=_loadable(record.get("dataset")),
             in_channels=rec.in_channels,
-            image_size=tuple(rec.image_size),
-            steps=0,  # type: ignore[arg-type]
+            image_size=rec.image_size,
+            steps=0,
         )
         weights = None
     else:

@@ -51,6 +51,77 @@ def did_you_mean(name: str, choices: list[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
+def check_options(factory: Callable[..., Any], options: dict[str, Any], what: str, *args: Any) -> None:
+    """Refuse options ``factory`` does not take, or of a type its signature rules out, in one line.
+
+    Checks what the annotations say plainly (``int``, ``float``, ``bool``, ``str``,
+    ``Literal[...]``, unions with ``None``); a value of another annotation is let through.
+
+    >>> from typing import Literal
+    >>> def make(x: int, rate: float = 0.1, mode: Literal["a", "b"] = "a") -> None: ...
+    >>> check_options(make, {"rate": "abc"}, "thing", 1)
+    Traceback (most recent call last):
+    ...
+    metafew.errors.ConfigError: thing: option rate must be a number, got 'abc'
+    >>> check_options(make, {"mode": "c"}, "thing", 1)
+    Traceback (most recent call last):
+    ...
+    metafew.errors.ConfigError: thing: option mode must be one of 'a', 'b', got 'c'
+    """
+    import inspect
+    import typing
+
+    target = factory.__init__ if inspect.isclass(factory) else factory  # type: ignore[misc]
+    params = inspect.signature(factory).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        names = [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        for key in options:
+            if key not in params:
+                raise ConfigError(
+                    f"{what}: unknown option {key!r}{did_you_mean(key, names)} (options: {', '.join(names[len(args) :])})"
+                )
+    try:
+        inspect.signature(factory).bind(*args, **options)
+    except TypeError as e:
+        raise ConfigError(f"{what}: {e}") from e
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:
+        return
+    for key, value in options.items():
+        hint = hints.get(key)
+        if hint is None:
+            continue
+        problem = _type_problem(value, hint)
+        if problem:
+            raise ConfigError(f"{what}: option {key} must be {problem}, got {value!r}")
+
+
+def _type_problem(value: Any, hint: Any) -> str | None:
+    """What ``value`` should have been under the simple annotation ``hint`` (None: it fits or cannot tell)."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        if value is None and len(options) < len(args):
+            return None
+        problems = [_type_problem(value, a) for a in options]
+        return None if any(p is None for p in problems) else " or ".join(p for p in problems if p)
+    if origin is typing.Literal:
+        return None if value in args else "one of " + ", ".join(repr(a) for a in args)
+    if hint is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if hint is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    if hint is str:
+        return None if isinstance(value, str) else "a string"
+    return None
+
+
 def import_submodules(package: str, path: list[str] | Any) -> None:
     """Import every module of ``package`` (its ``__path__``), so each registers its entries.
 

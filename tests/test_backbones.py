@@ -112,7 +112,7 @@ def test_resnet18_imagenet_weights_absent(tmp_path: Path, monkeypatch: pytest.Mo
         create("resnet18", in_channels=3, image_size=84, weights="imagenet")
     msg = str(err.value)
     assert str(expected) in msg and "download.pytorch.org/models/resnet18-f37072fd.pth" in msg and "\n" not in msg
-    with pytest.raises(CheckpointError, match="weights file not found: .*nope.pth"):
+    with pytest.raises(CheckpointError, match=r"weights file not found: .*nope\.pth"):
         create("resnet18", weights=tmp_path / "nope.pth")
 
 
@@ -143,7 +143,7 @@ def test_resnet18_imagenet_weights_from_hub_dir(tmp_path: Path, monkeypatch: pyt
     # a wrong file is a CheckpointError, not a crash
     bad = tmp_path / "bad.pth"
     torch.save({"conv1.weight": torch.zeros(3)}, bad)
-    with pytest.raises(CheckpointError, match="conv1.weight"):
+    with pytest.raises(CheckpointError, match=r"conv1\.weight"):
         create("resnet18", weights=bad)
 
 
@@ -302,7 +302,7 @@ def test_checkpoint_corruption(saved: Path, edit, message: str) -> None:
 
 
 def test_save_backbone_needs_registry_model(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="not made by metafew.backbones.create"):
+    with pytest.raises(CheckpointError, match=r"not made by metafew\.backbones\.create"):
         save_backbone(nn.Linear(2, 2), tmp_path / "x", mean=[0.5], std=[0.5])
     with pytest.raises(CheckpointError, match="1 mean / 1 std values for a 3-channel backbone"):
         save_backbone(create("conv4"), tmp_path / "x", mean=[0.5], std=[0.5])
@@ -477,7 +477,7 @@ def test_pretrain_rejects_bad_input() -> None:
         metafew.pretrain(create("conv4", in_channels=1, image_size=28), ds, epochs=1, device="cpu", progress=False)
     with pytest.raises(MetafewError, match="built for 84x84 images but toy is 28x28"):
         metafew.pretrain(create("resnet12", in_channels=3, image_size=84), ds, epochs=1, device="cpu", progress=False)
-    with pytest.raises(MetafewError, match="out= needs a backbone made by metafew.backbones.create"):
+    with pytest.raises(MetafewError, match=r"out= needs a backbone made by metafew\.backbones\.create"):
         metafew.pretrain(
             nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()),
             ds,

@@ -203,7 +203,7 @@ def test_bench_writes_json_markdown_and_plot(capsys, tmp_path):
     suite = tmp_path / "tiny.toml"
     suite.write_text(SUITE)
     out = tmp_path / "results" / "tiny.json"
-    code, stdout, err = run_cli(
+    code, _, err = run_cli(
         capsys, "bench", "--suite", str(suite), "--out", str(out), "--device", "cpu", "--no-progress"
     )
     assert code == 0, err
@@ -218,7 +218,7 @@ def test_bench_writes_json_markdown_and_plot(capsys, tmp_path):
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # a second run reuses the trained and tested rows
-    code, stdout, err = run_cli(
+    code, _, err = run_cli(
         capsys, "bench", "--suite", str(suite), "--out", str(out), "--device", "cpu", "--no-progress"
     )
     assert code == 0 and json.loads(out.read_text())["rows"] == doc["rows"]

@@ -117,7 +117,7 @@ def test_omniglot_images_inverted_and_rotated(data_root: Path, omniglot_train) -
 
 
 def test_omniglot_mean_std_constants(data_root: Path, omniglot_train) -> None:
-    omniglot_train.images  # the full decode is cached by now
+    _ = omniglot_train.images  # the full decode is cached by now
     full = omniglot_mod.omniglot_images(data_root)
     n_background = 19280
     mean, std = channel_stats(full[:n_background])
@@ -126,7 +126,7 @@ def test_omniglot_mean_std_constants(data_root: Path, omniglot_train) -> None:
 
 
 def test_omniglot_warm_load_is_fast(data_root: Path, omniglot_train) -> None:
-    omniglot_train.images  # make sure the cache is warm
+    _ = omniglot_train.images  # make sure the cache is warm
     start = time.perf_counter()
     ds = Omniglot("train", root=data_root)
     x = ds.images

@@ -65,7 +65,7 @@ def test_resume_after_ctrl_c_continues_bit_identically(tmp_path, omniglot_train,
     sampler = InterruptAt(omniglot_train, 5, 1, 5, seed=1, device="cpu", at=4)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "b", sampler, 7, val_episodes=val, val_every=3)
-    state, record = load_state(tmp_path / "b" / "last.safetensors")
+    _, record = load_state(tmp_path / "b" / "last.safetensors")
     assert record["step"] == 4  # the interrupted step finished, then the checkpoint was saved
 
     resumed = run(

@@ -14,6 +14,7 @@ Everything here is float64 on tiny models except the Omniglot runs.
 
 from __future__ import annotations
 
+import functools
 import time
 
 import pytest
@@ -102,7 +103,7 @@ def maml_reference_grad(theta: torch.Tensor, batch: EpisodeBatch, lr: float, ste
         for _ in range(steps):
             p = phi.clone().requires_grad_()
             g = torch.autograd.grad(reference_loss(p, sx, sy), p)[0]
-            hessian = torch.autograd.functional.hessian(lambda v: reference_loss(v, sx, sy), phi)
+            hessian = torch.autograd.functional.hessian(functools.partial(reference_loss, x=sx, y=sy), phi)
             jacobian_t = jacobian_t @ (torch.eye(len(theta), dtype=theta.dtype) - lr * hessian)
             phi = phi - lr * g
         p = phi.clone().requires_grad_()
@@ -182,7 +183,7 @@ def test_maml_task_specific_heads_match_finite_differences(head_init):
     loss, _ = learner.meta_loss(batch)
     loss.backward()
     eps = 1e-6
-    for name, p in learner.named_parameters():
+    for p in learner.parameters():
         for offset in range(0, p.numel(), 3):
             with torch.no_grad():
                 p.view(-1)[offset] += eps

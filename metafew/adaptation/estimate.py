@@ -73,7 +73,7 @@ def support_sizes(
         name = classes[c]
         if n == 0:
             raise DatasetError(f"class {name!r} has no images")
-        if shots == "all":
+        if isinstance(shots, str):  # "all" (checked above)
             final_k.append(n)
             draw_k.append(n if n == 1 else n - max(1, round(HOLDOUT_FRACTION * n)))
         else:

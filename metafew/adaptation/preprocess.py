@@ -131,7 +131,8 @@ def is_image_file(path: Path) -> bool:
 
 def list_images(folder: Path) -> tuple[list[Path], list[Path]]:
     """(image files, other files) under ``folder``, recursively, hidden files skipped, sorted."""
-    images, others = [], []
+    images: list[Path] = []
+    others: list[Path] = []
     for p in sorted(folder.rglob("*")):
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts):
             (images if is_image_file(p) else others).append(p)

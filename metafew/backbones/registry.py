@@ -6,7 +6,6 @@ Every backbone is an ``nn.Module`` mapping images ``[M, C, H, W]`` to features
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
-from ..registry import Registry
+from ..registry import Registry, check_options
 from .weights import WEIGHTS
 
 BACKBONES: Registry[Callable[..., nn.Module]] = Registry("backbone", group="metafew.backbones")
@@ -59,10 +58,7 @@ def create(
     in_channels = 3 if in_channels is None else in_channels
     image_size = 84 if image_size is None else image_size
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    try:
-        inspect.signature(factory).bind(in_channels=in_channels, image_size=size, **options)
-    except TypeError as e:  # an option the architecture does not take, as a one-line error
-        raise ConfigError(f"backbone {name!r}: {e}") from e
+    check_options(factory, {"in_channels": in_channels, "image_size": size, **options}, f"backbone {name!r}")
     model = factory(in_channels=in_channels, image_size=size, **options)
     model.name = name  # type: ignore[assignment]
     model.in_channels = in_channels  # type: ignore[assignment]

@@ -15,6 +15,7 @@ plain dropout after each block instead.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -55,6 +56,8 @@ class ResNet12Block(nn.Module):
 
 class ResNet12(nn.Module):
     """Four :class:`ResNet12Block` s and global average pooling: ``[M, C, H, W] -> [M, widths[-1]]``."""
+
+    options: dict[str, Any]  # set by the resnet12 factory, for checkpoints
 
     def __init__(
         self, in_channels: int = 3, widths: Sequence[int] = (64, 160, 320, 640), drop_rate: float = 0.0

@@ -72,8 +72,8 @@ def run(args: argparse.Namespace) -> int:
         if info.get("found") is False:
             raise DatasetNotFoundError(message or f"{args.name} not found under {info.get('data_root')}")
         return 0
-    info = dataset_info(args.name, args.data_root) if args.subset is None else None
-    subsets = [args.subset] if args.subset else list(_subsets(info)) or ["train"]
+    found = dataset_info(args.name, args.data_root) if args.subset is None else None
+    subsets = [args.subset] if args.subset else list(_subsets(found)) or ["train"]
     for subset in subsets:
         ds = load_dataset(args.name, subset, root=args.data_root, download=True)
         ds.images  # decode once now, so later runs read the cache  # noqa: B018

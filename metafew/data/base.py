@@ -22,7 +22,7 @@ from ..errors import DatasetError
 from ..paths import cache_dir
 from .normalize import Normalize
 
-ImageLoader = Callable[[], np.ndarray]
+ImageLoader = Callable[[], np.ndarray | torch.Tensor]
 
 
 class FewShotDataset(torch.utils.data.Dataset):

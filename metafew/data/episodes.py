@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 
@@ -22,6 +22,7 @@ from .base import FewShotDataset
 from .normalize import Normalize
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+_E = TypeVar("_E", bound="Episode")
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class Episode:
     def n_query(self) -> int:
         return self.query_y.shape[-1] // self.n_way
 
-    def to(self, device: str | torch.device, non_blocking: bool = True) -> Episode:
+    def to(self: _E, device: str | torch.device, non_blocking: bool = True) -> _E:
         return replace(
             self, **{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)}
         )

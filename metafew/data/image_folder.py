@@ -45,19 +45,20 @@ from .decode import (
 from .normalize import channel_stats
 from .registry import DatasetSpec, register_dataset
 
+# load_image, parallel_chunks, decode_workers, decode_files, image_channels and channel_stats are
+# re-exported from .decode / .normalize, where they now live
 __all__ = [
-    "ImageFolder",
-    "IMAGE_EXTENSIONS",
     "FOLDER_PREFIX",
+    "IMAGE_EXTENSIONS",
+    "ImageFolder",
+    "channel_stats",
+    "decode_files",
+    "decode_workers",
     "folder_info",
+    "image_channels",
     "load_folder",
-    # re-exported from .decode / .normalize, where they now live
     "load_image",
     "parallel_chunks",
-    "decode_workers",
-    "decode_files",
-    "image_channels",
-    "channel_stats",
 ]
 
 FOLDER_PREFIX = "folder:"
@@ -75,7 +76,8 @@ def _listing(root: Path) -> tuple[list[str], list[list[os.DirEntry[str]]], list[
         raise DatasetNotFoundError(f"image folder not found: {root.absolute()} does not exist")
     if not root.is_dir():
         raise DatasetError(f"{root.absolute()} is not a folder (expected root/<class>/<image> folders)")
-    dirs, stray = [], []
+    dirs: list[os.DirEntry[str]] = []
+    stray: list[os.DirEntry[str]] = []
     with os.scandir(root) as it:
         for e in it:
             if e.name.startswith(".") or e.name.lower() in _IGNORED_FILES:

@@ -74,7 +74,7 @@ MEDMNIST_INFO: dict[str, MedMNISTInfo] = {
             "normal colon mucosa",
             "cancer-associated stroma",
             "colorectal adenocarcinoma epithelium",
-        ),  # fmt: skip
+        ),
         3,
         (89996, 10004, 7180),
     ),
@@ -96,7 +96,7 @@ MEDMNIST_INFO: dict[str, MedMNISTInfo] = {
             "fibrosis",
             "pleural",
             "hernia",
-        ),  # fmt: skip
+        ),
         1,
         (78468, 11219, 22433),
     ),
@@ -111,7 +111,7 @@ MEDMNIST_INFO: dict[str, MedMNISTInfo] = {
             "melanoma",
             "melanocytic nevi",
             "vascular lesions",
-        ),  # fmt: skip
+        ),
         3,
         (7007, 1003, 2005),
     ),
@@ -143,7 +143,7 @@ MEDMNIST_INFO: dict[str, MedMNISTInfo] = {
             "monocyte",
             "neutrophil",
             "platelet",
-        ),  # fmt: skip
+        ),
         3,
         (11959, 1712, 3421),
     ),
@@ -159,7 +159,7 @@ MEDMNIST_INFO: dict[str, MedMNISTInfo] = {
             "Podocytes",
             "Proximal Tubule Segments",
             "Thick Ascending Limb",
-        ),  # fmt: skip
+        ),
         1,
         (165466, 23640, 47280),
     ),

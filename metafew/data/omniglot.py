@@ -175,7 +175,7 @@ def _all_images(base: Path, files: tuple[str, ...], image_size: int) -> np.ndarr
 
 def split_lines(subset: str) -> list[str]:
     """The packaged Vinyals split list of ``subset``: one ``Alphabet/characterNN/rotDDD`` class per line."""
-    text = resources.files("metafew.data").joinpath("splits", f"omniglot_vinyals_{subset}.txt").read_text()
+    text = resources.files("metafew.data").joinpath("splits").joinpath(f"omniglot_vinyals_{subset}.txt").read_text()
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -22,6 +22,9 @@ from tqdm.auto import tqdm
 from ..data.episodes import EpisodeSet
 from ..device import eval_mode
 from ..errors import MetafewError
+
+if TYPE_CHECKING:
+    from ..learners.base import Learner
 
 
 @dataclass
@@ -139,7 +142,7 @@ def macro_auc(scores: Tensor, labels: Tensor, n_way: int | None = None) -> Tenso
 
 
 def evaluate(
-    learner: torch.nn.Module,
+    learner: Learner,
     episodes: EpisodeSet,
     *,
     batch_size: int = 16,

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 import numpy as np
 import torch
@@ -39,6 +39,9 @@ from ..device import autocast
 from ..errors import CheckpointError, ConfigError
 from .curves import plot_learning_curve
 from .evaluate import evaluate
+
+if TYPE_CHECKING:
+    from ..learners.base import Learner
 
 LAST, BEST, LOG, CURVE = "last.safetensors", "best.safetensors", "log.jsonl", "learning_curve.png"
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
@@ -62,6 +65,16 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     out_dir: Path | None = None
     checkpoint: Path | None = None
+
+
+class _Run(TypedDict):
+    """The progress of a run, saved in every checkpoint record (and restored on resume)."""
+
+    step: int
+    seconds: float
+    best_val_acc: float | None
+    best_step: int | None
+    history: list[dict[str, Any]]
 
 
 def build_optimizer(params: Any, spec: str | dict[str, Any], lr: float | None = None) -> torch.optim.Optimizer:
@@ -96,7 +109,7 @@ def lr_schedule(schedule: str, steps: int, step_size: int | None = None, gamma: 
 
 
 def train(
-    learner: nn.Module,
+    learner: Learner,
     sampler: EpisodeSampler,
     *,
     steps: int,
@@ -140,12 +153,13 @@ def train(
     device = sampler.device
     learner.to(device)
     params = [p for p in learner.parameters() if p.requires_grad]
-    opt = build_optimizer(params, optimizer or getattr(learner, "default_optimizer", "adam"), lr)
+    default_optimizer: str | dict[str, Any] = getattr(learner, "default_optimizer", "adam")
+    opt = build_optimizer(params, optimizer or default_optimizer, lr)
     base_lrs = [g["lr"] for g in opt.param_groups]
     lr_at = lr_schedule(schedule, steps, step_size, gamma)
     scaler = torch.amp.GradScaler(device.type, enabled=amp in ("fp16", "float16"))
     out = Path(out_dir).expanduser() if out_dir is not None else None
-    run = {"step": 0, "seconds": 0.0, "best_val_acc": None, "best_step": None, "history": []}
+    run: _Run = {"step": 0, "seconds": 0.0, "best_val_acc": None, "best_step": None, "history": []}
     sums = torch.zeros(3, device=device)  # loss, acc, count since the last log row
 
     torch.manual_seed(seed)
@@ -162,6 +176,7 @@ def train(
 
     def save_last(final: bool = False) -> None:
         nonlocal plotted_at
+        assert out is not None  # only called with an out_dir
         state = {
             "learner": learner.state_dict(),
             "optimizer": opt.state_dict(),
@@ -170,9 +185,9 @@ def train(
             "rng": _rng_state(),
             "sums": sums,
         }
-        save_state(state, out / LAST, {**record, **run})  # type: ignore[operator]
+        save_state(state, out / LAST, {**record, **run})
         if run["history"] and (final or time.perf_counter() - plotted_at > 60):  # a plot a minute at most
-            plot_learning_curve(run["history"], out / CURVE, title=str((config or {}).get("name", "")))  # type: ignore[operator]
+            plot_learning_curve(run["history"], out / CURVE, title=str((config or {}).get("name", "")))
             plotted_at = time.perf_counter()
 
     learner.train()
@@ -204,7 +219,7 @@ def train(
             validate = val_episodes is not None and (step % val_every == 0 or last)
             if step % log_every == 0 or validate or last:
                 loss_sum, acc_sum, n = sums.tolist()
-                row = {
+                row: dict[str, Any] = {
                     "step": step,
                     "loss": loss_sum / n,
                     "acc": acc_sum / n,
@@ -212,7 +227,7 @@ def train(
                     "seconds": round(time.perf_counter() - start, 3),
                 }
                 sums.zero_()
-                if validate:
+                if validate and val_episodes is not None:  # (validate implies it)
                     row["val_acc"] = evaluate(
                         learner, val_episodes, batch_size=val_batch_size, auc=False, progress=False
                     ).accuracy_mean
@@ -292,7 +307,7 @@ def _load_last(
     scaler: Any,
     sampler: EpisodeSampler,
     device: torch.device,
-) -> tuple[dict[str, Any], torch.Tensor]:
+) -> tuple[_Run, torch.Tensor]:
     state, record = load_state(path)
     if not isinstance(state, dict) or not {"learner", "optimizer", "sampler", "rng"} <= set(state):
         raise CheckpointError(f"{path} is not a training checkpoint (written by metafew.engine.train)")
@@ -306,7 +321,7 @@ def _load_last(
         scaler.load_state_dict(state["scaler"])
     sampler.load_state_dict(state["sampler"])
     _set_rng_state(state["rng"])
-    run = {k: record.get(k) for k in ("step", "seconds", "best_val_acc", "best_step", "history")}
+    run = cast(_Run, {k: record.get(k) for k in ("step", "seconds", "best_val_acc", "best_step", "history")})
     sums = state.get("sums", torch.zeros(3)).to(device)
     return run, sums
 

@@ -25,8 +25,10 @@ so ``classifier.state_dict()`` plus the learner's construction options rebuild i
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
-from typing import Any, ClassVar
+import functools
+import operator
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +39,9 @@ from ..data.episodes import EpisodeBatch
 from ..device import autocast
 from ..errors import CheckpointError
 from .bn import BNPolicy, Frozen, Stats
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
 
 
 class Tensors(nn.Module):
@@ -163,7 +168,9 @@ class Learner(nn.Module):
     classifier_type: ClassVar[type[Classifier]] = Classifier
     #: Options :func:`metafew.adapt` uses unless given; None: not offered by ``metafew.adapt``.
     adapt_defaults: ClassVar[dict[str, Any] | None] = None
-    default_optimizer: dict = {"name": "adam", "lr": 1e-3}
+    #: The configuration a learner loaded by :func:`metafew.load` was built from (set there only).
+    run_config: RunConfig
+    default_optimizer: dict[str, Any] = {"name": "adam", "lr": 1e-3}  # noqa: RUF012 - per-class default, each learner's __init__ copies it per instance
 
     def __init__(self, backbone: nn.Module, *, amp: str | None = None) -> None:
         super().__init__()
@@ -218,6 +225,11 @@ class Learner(nn.Module):
 def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
     """Fraction of correct argmax predictions (over the last-but-one dim), as a float tensor."""
     return (logits.argmax(-1) == labels).float().mean(-1)
+
+
+def tensor_sum(terms: Iterable[Tensor]) -> Tensor:
+    """``sum(terms)`` of at least one tensor, typed as a tensor (no ``0 +`` start value)."""
+    return functools.reduce(operator.add, terms)
 
 
 def full_precision(x: Tensor) -> Tensor:

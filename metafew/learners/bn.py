@@ -102,10 +102,7 @@ class Frozen(BNPolicy):
     def while_adapting(self, module: nn.Module, stats: Stats | None = None) -> contextlib.AbstractContextManager[None]:
         if stats is None:
             return eval_mode(module)
-        stack = contextlib.ExitStack()
-        stack.enter_context(eval_mode(module))
-        stack.enter_context(fixed_statistics(module, stats, float32=False))
-        return stack
+        return _eval_with_statistics(module, stats)
 
     @property
     def batch_independent(self) -> bool:
@@ -161,22 +158,29 @@ def running_statistics(backbone: nn.Module, x: Tensor) -> Stats:
     bns = {k: m for k, m in batchnorms(backbone).items() if m.track_running_stats}
     if not bns:
         return {}
-    saved = [(m, m.running_mean, m.running_var, m.num_batches_tracked, m.momentum) for m in bns.values()]
-    modes = [(m, m.training) for m in backbone.modules()]
-    for m in bns.values():
-        m.running_mean = torch.zeros_like(m.running_mean)
-        m.running_var = torch.ones_like(m.running_var)
-        m.num_batches_tracked = torch.zeros_like(m.num_batches_tracked)
+    saved = [(m, *_running_buffers(m), m.momentum) for m in bns.values()]
+    modes = [(module, module.training) for module in backbone.modules()]
+    for m, mean, var, count, _ in saved:
+        m.running_mean = torch.zeros_like(mean)
+        m.running_var = torch.ones_like(var)
+        m.num_batches_tracked = torch.zeros_like(count)
         m.momentum = None
     backbone.train()
     try:
         backbone(x)
-        return {k: (m.running_mean, m.running_var) for k, m in bns.items()}
+        return {k: _running_buffers(m)[:2] for k, m in bns.items()}
     finally:
         for m, mean, var, count, momentum in saved:
             m.running_mean, m.running_var, m.num_batches_tracked, m.momentum = mean, var, count, momentum
-        for m, training in modes:
-            m.training = training
+        for module, training in modes:
+            module.training = training
+
+
+def _running_buffers(m: _BatchNorm) -> tuple[Tensor, Tensor, Tensor]:
+    """``(running_mean, running_var, num_batches_tracked)`` of a BatchNorm that tracks running statistics."""
+    mean, var, count = m.running_mean, m.running_var, m.num_batches_tracked
+    assert mean is not None and var is not None and count is not None, "track_running_stats=False"
+    return mean, var, count
 
 
 def input_statistics(backbone: nn.Module, run: Callable[[], Any]) -> Stats:
@@ -197,6 +201,13 @@ def input_statistics(backbone: nn.Module, run: Callable[[], Any]) -> Stats:
         for h in handles:
             h.remove()
     return stats
+
+
+@contextlib.contextmanager
+def _eval_with_statistics(module: nn.Module, stats: Stats) -> Iterator[None]:
+    """Eval mode, with each BatchNorm named in ``stats`` normalising with those statistics."""
+    with eval_mode(module), fixed_statistics(module, stats, float32=False):
+        yield
 
 
 @contextlib.contextmanager
@@ -221,7 +232,7 @@ def fixed_statistics(module: nn.Module, stats: Stats, *, float32: bool) -> Itera
             return F.batch_norm(x.float(), mean, var, m.weight, m.bias, False, 0.0, m.eps).to(x.dtype)
 
         patched.append((m, m.__dict__.get("forward")))
-        m.forward = forward  # type: ignore[method-assign]  # instance attribute shadows the class method
+        m.forward = forward  # type: ignore[method-assign,assignment]  # instance attribute shadows the class method
     try:
         yield
     finally:
@@ -251,7 +262,7 @@ def batch_stats_bn(module: nn.Module, *, explicit: bool = False) -> Iterator[Non
         m.training = True
         m.track_running_stats = False
         if explicit:
-            m.forward = _explicit_forward(m)  # type: ignore[method-assign]
+            m.forward = _explicit_forward(m)  # type: ignore[method-assign,assignment]  # instance attribute shadows the class method
     try:
         yield
     finally:

@@ -27,7 +27,7 @@ converges in fewer steps than Chen et al.'s random initialisation.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -73,8 +73,8 @@ class FineTune(Learner):
     """
 
     bn = Frozen()
-    adapt_defaults: dict = {}
-    default_optimizer = {"name": "adam", "lr": 1e-3}
+    adapt_defaults: ClassVar[dict[str, Any]] = {}
+    default_optimizer: dict[str, Any] = {"name": "adam", "lr": 1e-3}  # noqa: RUF012 - per-class default, each learner's __init__ copies it per instance
 
     def __init__(
         self,
@@ -157,7 +157,7 @@ class FineTune(Learner):
         with torch.no_grad():
             support_features = self.features(support_x)
         head = self._init_head(support_features, support_y, n_way)
-        groups = [{"params": list(head.values())}]
+        groups: list[dict[str, Any]] = [{"params": list(head.values())}]
         backbone_params: Params | None = None
         if self.full:
             backbone_params = {

@@ -30,7 +30,7 @@ training or by test images (:func:`~metafew.learners.bn.batch_stats_bn`).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,7 @@ from .base import (
     functional_logits,
     infer_n_way,
     split_params,
+    tensor_sum,
 )
 from .bn import BNPolicy, Stats, Transductive
 from .registry import register_learner
@@ -82,8 +83,12 @@ class MAML(Learner):
     #: for :func:`metafew.adapt`: a backbone checkpoint carries no meta-learned head, so the head
     #: starts from the support prototypes (Proto-MAML, Triantafillou et al. 2020); step sizes
     #: chosen on PneumoniaMNIST's *validation* split (benchmarks/medical.py), never on a test split.
-    adapt_defaults = {"head_init": "prototypes", "test_inner_lr": 0.01, "test_inner_steps": 10}
-    default_optimizer = {"name": "adam", "lr": 1e-3}
+    adapt_defaults: ClassVar[dict[str, Any]] = {
+        "head_init": "prototypes",
+        "test_inner_lr": 0.01,
+        "test_inner_steps": 10,
+    }
+    default_optimizer: dict[str, Any] = {"name": "adam", "lr": 1e-3}  # noqa: RUF012 - per-class default, each learner's __init__ copies it per instance
 
     def __init__(
         self,
@@ -121,7 +126,7 @@ class MAML(Learner):
         self.vmap_tasks = vmap_tasks
         self.default_optimizer = dict(type(self).default_optimizer)
         self.feature_dim = int(backbone.out_features)  # type: ignore[arg-type]
-        self.head = nn.Linear(self.feature_dim, n_way) if head_init == "learned" else None
+        self.head = nn.Linear(self.feature_dim, n_way) if head_init == "learned" and n_way is not None else None
 
     # -- functional model --------------------------------------------------------
     def meta_params(self) -> Params:
@@ -230,12 +235,13 @@ class MAML(Learner):
         the arithmetic. The returned losses carry the summed gradient through a surrogate."""
         tasks = [(t.support_x, t.support_y, t.query_x, t.query_y) for t in batch]
         if not torch.is_grad_enabled():
-            losses, accs = zip(*(self._task_loss(theta, *t, n_way, False) for t in tasks))
-            return torch.stack(losses), torch.stack(accs)
+            task_losses, task_accs = zip(*(self._task_loss(theta, *t, n_way, False) for t in tasks))
+            return torch.stack(task_losses), torch.stack(task_accs)
         names = [k for k, v in theta.items() if v.requires_grad]
         leaves = [theta[k] for k in names]
         grads: list[Tensor | None] = [None] * len(leaves)
-        losses, accs = [], []
+        losses: list[Tensor] = []
+        accs: list[Tensor] = []
         for t in tasks:
             loss, acc = self._task_loss(theta, *t, n_way, False)
             task_grads = torch.autograd.grad(loss, leaves, allow_unused=True)
@@ -243,7 +249,7 @@ class MAML(Learner):
             losses.append(loss.detach())
             accs.append(acc)
         # value: the task losses; gradient of their mean w.r.t. θ: the mean task gradient.
-        surrogate = sum((p * g).sum() for p, g in zip(leaves, grads) if g is not None) / len(tasks)
+        surrogate = tensor_sum((p * g).sum() for p, g in zip(leaves, grads) if g is not None) / len(tasks)
         losses_t = torch.stack(losses)
         return losses_t + (surrogate - surrogate.detach()), torch.stack(accs)
 

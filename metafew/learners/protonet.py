@@ -14,7 +14,7 @@ so predictions use the running statistics and test images never change them.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +40,8 @@ class ProtoNet(Learner):
     """
 
     bn = Frozen()
-    adapt_defaults: dict = {}
-    default_optimizer = {"name": "adam", "lr": 1e-3}
+    adapt_defaults: ClassVar[dict[str, Any]] = {}
+    default_optimizer: dict[str, Any] = {"name": "adam", "lr": 1e-3}  # noqa: RUF012 - per-class default, each learner's __init__ copies it per instance
 
     def __init__(
         self,
@@ -115,6 +115,7 @@ class ProtoClassifier(Classifier):
 
     saved = ("prototypes",)
     learner: ProtoNet
+    prototypes: Tensor
 
     def __init__(self, learner: ProtoNet, prototypes: Tensor, **kw: Any) -> None:
         super().__init__(learner, **kw)

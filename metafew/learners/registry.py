@@ -8,8 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import ConfigError
-from ..registry import Registry
+from ..registry import Registry, check_options
 
 LEARNERS: Registry[Callable[..., Any]] = Registry("learner", group="metafew.learners")
 
@@ -47,8 +46,5 @@ def create(name: str, backbone: nn.Module, **options: Any) -> Any:
     ('MAML', False)
     """
     factory = LEARNERS.get(name)
-    try:
-        inspect.signature(factory).bind(backbone, **options)
-    except TypeError as e:
-        raise ConfigError(f"learner {name!r}: {e}") from e
+    check_options(factory, options, f"learner {name!r}", backbone)
     return factory(backbone, **options)

@@ -37,7 +37,7 @@ when predicting), and running statistics are never read nor updated.
 from __future__ import annotations
 
 import contextlib
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from ..data.episodes import EpisodeBatch
 from ..errors import MetafewError
-from .base import Learner, accuracy, full_precision, functional_logits, minibatch_indices
+from .base import Learner, accuracy, full_precision, functional_logits, minibatch_indices, tensor_sum
 from .bn import BNPolicy, Stats, Transductive
 from .maml import MAMLClassifier
 from .registry import register_learner
@@ -74,7 +74,7 @@ class Reptile(Learner):
     """
 
     bn = Transductive()
-    default_optimizer = {"name": "sgd", "lr": 1.0}
+    default_optimizer: dict[str, Any] = {"name": "sgd", "lr": 1.0}  # noqa: RUF012 - per-class default, each learner's __init__ copies it per instance
 
     def __init__(
         self,
@@ -105,7 +105,8 @@ class Reptile(Learner):
         self.inner_batch_size = inner_batch_size
         self.test_inner_lr = inner_lr if test_inner_lr is None else test_inner_lr
         self.test_inner_steps = test_inner_steps
-        self.inner_betas = tuple(inner_betas)
+        beta1, beta2 = inner_betas
+        self.inner_betas = (beta1, beta2)
         self.train_data = train_data
         self.default_optimizer = dict(type(self).default_optimizer)
         self.head = nn.Linear(int(backbone.out_features), n_way)  # type: ignore[arg-type]
@@ -157,7 +158,7 @@ class Reptile(Learner):
             phi = self.inner_train(x, y, self.inner_steps, self.inner_lr)
             with torch.no_grad():
                 accs.append(accuracy(self.predict(phi, task.query_x), task.query_y))
-            distances.append(sum((theta[k] - phi[k]).pow(2).sum() for k in theta))
+            distances.append(tensor_sum((theta[k] - phi[k]).pow(2).sum() for k in theta))
         loss = 0.5 * torch.stack(distances).sum() / len(batch)
         return loss, torch.stack(accs).mean()
 

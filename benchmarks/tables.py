@@ -1,0 +1,92 @@
+"""Write the RESULTS.md tables from the committed JSON results, so numbers and prose cannot drift.
+
+RESULTS.md marks each generated table with a pair of comments naming its JSON file::
+
+    <!-- table: results/omniglot-pretrained.json -->
+    ...generated, do not edit...
+    <!-- /table -->
+
+Run ``python benchmarks/tables.py`` after committing new results (``--check`` exits 1 when
+RESULTS.md is out of date, which the tests use).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+MARK = re.compile(r"(<!-- table: (?P<file>[^ ]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
+
+
+def _pct(x: float | None) -> str:
+    return "" if x is None else f"{x:.2f}"
+
+
+def _duration(seconds: float | None) -> str:
+    if not seconds:
+        return "0 s"
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def table(doc: dict[str, Any]) -> str:
+    """A Markdown table of a suite's JSON rows: figure ± CI, published, gap, training and time."""
+    lines = [
+        "| row | setting | training | accuracy (%) | published | gap | train time |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in doc["rows"]:
+        err = r.get("metric") == "error"
+        ours = r["error_rate"] if err else r["accuracy_mean"]
+        pub = r.get("published")
+        gap = "" if pub is None else f"{(pub - ours) if err else (ours - pub):+.2f}"
+        verdict = "" if pub is None else (" (at or above)" if (ours <= pub if err else ours >= pub) else "")
+        setting = f"{r['n_way']}-way {r['k_shot']}-shot, {r['episodes']} {'runs' if err else 'episodes'}"
+        training = f"{r['train_steps']} steps" if r.get("train_steps") else "none (pretrained backbone only)"
+        figure = f"{'error ' if err else ''}{_pct(ours)} ± {_pct(r['accuracy_ci95'])}"
+        lines.append(
+            f"| {r.get('name', r['learner'])} | {setting} | {training} | {figure} | {'' if pub is None else pub} | "
+            f"{gap}{verdict} | {_duration(r.get('train_seconds'))} |"
+        )
+    meta = [f"suite `{doc.get('suite')}`", f"metafew {doc.get('metafew_version')}", f"torch {doc.get('torch_version')}"]
+    if doc.get("git_commit"):
+        meta.append(f"commit `{doc['git_commit'][:10]}`")
+    devices = sorted({r.get("device", "") for r in doc["rows"]})
+    meta.append("device: " + "; ".join(devices))
+    if doc.get("command"):
+        meta.append(f"command: `{doc['command']}`")
+    return "\n".join(lines) + "\n\n" + ", ".join(meta) + f", {doc.get('date', '')}\n"
+
+
+def render(text: str, base: Path) -> str:
+    """``text`` with every marked table regenerated from its JSON file (paths relative to ``base``)."""
+
+    def fill(m: re.Match[str]) -> str:
+        doc = json.loads((base / m["file"]).read_text())
+        return m.group(1) + table(doc) + m.group(4)
+
+    return MARK.sub(fill, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
+    p.add_argument("--check", action="store_true", help="exit 1 if the file is not up to date, change nothing")
+    args = p.parse_args(argv)
+    old = args.results.read_text()
+    new = render(old, args.results.parent)
+    if args.check:
+        if new != old:
+            print(f"{args.results} is out of date: run python benchmarks/tables.py", file=sys.stderr)
+            return 1
+        return 0
+    args.results.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
