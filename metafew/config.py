@@ -23,7 +23,7 @@ import hashlib
 import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
 
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 #: Version of the ``config`` stored in checkpoint records. 0.1.0 stored a benchmark row
 #: (no ``config_version``); those still load (see :meth:`RunConfig.from_record`).
 CONFIG_VERSION = 2
+T = TypeVar("T")
 
 _AMP = (None, "bf16", "fp16")
 _SCHEDULES = ("constant", "step", "cosine", "linear")
@@ -46,6 +47,26 @@ _LEGACY_KEYS = {"published", "source", "notes", "metric", "pretrained_backbone"}
 
 def _opt(help: str, *, cli: bool = True) -> dict[str, Any]:
     return {"help": help, "cli": cli}
+
+
+def check_keys(d: dict[str, Any], known: list[str], where: str) -> None:
+    """Refuse a key not in ``known`` (a typo never silently falls back to a default), suggesting the close one."""
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key {unknown[0]!r}{did_you_mean(unknown[0], known)} (known keys: {', '.join(sorted(known))})"
+        )
+
+
+def from_plain(cls: type[T], d: dict[str, Any], where: str) -> T:
+    """``cls(**d)`` for a config dataclass, with unknown keys and bad values as one line naming ``where``."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a table of keys, got {d!r}")
+    check_keys(d, [f.name for f in fields(cls)], where)  # type: ignore[arg-type]
+    try:
+        return cls(**d)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from e
 
 
 @dataclass
@@ -259,16 +280,7 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "config") -> RunConfig:
         """A RunConfig from plain values; an unknown key is an error with a suggestion (a typo never falls back)."""
-        known = cls.field_names()
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise ConfigError(
-                f"{where}: unknown key {unknown[0]!r}{did_you_mean(unknown[0], known)} (known keys: {', '.join(sorted(known))})"
-            )
-        try:
-            return cls(**d)
-        except ConfigError as e:
-            raise ConfigError(f"{where}: {e}") from e
+        return from_plain(cls, d, where)
 
     @classmethod
     def from_record(cls, record: dict[str, Any], path: str | Path) -> RunConfig:
@@ -348,16 +360,8 @@ class PretrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "pretrain") -> PretrainConfig:
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise ConfigError(
-                f"{where}: unknown key {unknown[0]!r}{did_you_mean(unknown[0], known)} (known keys: {', '.join(known)})"
-            )
-        try:
-            return cls(**d)
-        except ConfigError as e:
-            raise ConfigError(f"{where}: {e}") from e
+        """A recipe from plain values (a suite's ``[pretrain]`` table, the CLI flags)."""
+        return from_plain(cls, d, where)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -32,9 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from ..config import PretrainConfig, RunConfig
+from ..config import PretrainConfig, RunConfig, check_keys
 from ..errors import ConfigError
-from ..registry import did_you_mean
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -86,12 +85,7 @@ class BenchRow:
     def from_dict(cls, d: dict[str, Any], where: str = "row") -> BenchRow:
         if not isinstance(d, dict):
             raise ConfigError(f"{where}: a row must be a table of keys, got {d!r}")
-        known = RunConfig.field_names() + list(cls.REPORT_KEYS)
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise ConfigError(
-                f"{where}: unknown key {unknown[0]!r}{did_you_mean(unknown[0], known)} (known keys: {', '.join(sorted(known))})"
-            )
+        check_keys(d, RunConfig.field_names() + list(cls.REPORT_KEYS), where)
         missing = [k for k in ("learner", "n_way", "k_shot") if k not in d]
         if missing:
             raise ConfigError(f"{where}: missing {missing[0]!r}")
