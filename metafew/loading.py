@@ -34,9 +34,12 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "auto") -
     ...
     metafew.errors.CheckpointError: /dev/null is not a metafew file (an empty file)
     """
+    from .backbones.weights import shipped_path
     from .checkpoint import load_backbone, read_header
 
     p = Path(path).expanduser()
+    if not p.exists() and shipped_path(str(path)) is not None:  # a backbone that came with metafew, by name
+        p = shipped_path(str(path))  # type: ignore[assignment]
     what = describe_file(p)
     if what is not None:
         raise CheckpointError(f"{p} is not a metafew file ({what})")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from .registry import register
+from .weights import ShippedWeights, register_weights
 
 
 def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -29,3 +30,50 @@ class Conv4(nn.Sequential):
 @register("conv4")
 def conv4(in_channels: int = 3, image_size: tuple[int, int] = (84, 84), hidden: int = 64, depth: int = 4) -> nn.Module:
     return Conv4(in_channels, hidden, depth)
+
+
+# -- pretrained Conv-4 backbones shipped with metafew (files in backbones/weights/) -------------------------
+# Each was made by the command shown, on a 2-core CPU, and its check figure (ProtoNet without
+# meta-training on 100 fixed episodes of classes the backbone never saw) is re-measured by
+# tests/test_shipped_weights.py.
+register_weights(
+    ShippedWeights(
+        name="omniglot-background-conv4",
+        arch="conv4",
+        weights="omniglot-background",
+        file="omniglot-background-conv4.safetensors",
+        description="Omniglot, Lake et al.'s 30 background alphabets (964 characters, 28x28, grayscale); "
+        "the medical suite's Omniglot backbone",
+        command="metafew pretrain --dataset omniglot-lake --subset background --backbone conv4 --epochs 20 "
+        "--lr 0.05 --out omniglot-background-conv4 --device cpu",
+        check={
+            "dataset": "omniglot-lake",
+            "subset": "evaluation",
+            "n_way": 5,
+            "k_shot": 1,
+            "episodes": 100,
+            "accuracy": 0.9621333384513855,
+        },
+    )
+)
+register_weights(
+    ShippedWeights(
+        name="caltech101-conv4",
+        arch="conv4",
+        weights="caltech101",
+        file="caltech101-conv4.safetensors",
+        description="Caltech-101, the 65 training classes of metafew's seeded split (28x28, RGB); "
+        "the medical suite's Caltech-101 backbone",
+        command="metafew pretrain --dataset caltech101 --subset train --dataset-option image_size=28 "
+        "--backbone conv4 --epochs 30 --lr 0.05 --out caltech101-conv4 --device cpu",
+        check={
+            "dataset": "caltech101",
+            "subset": "val",
+            "options": {"image_size": 28},
+            "n_way": 5,
+            "k_shot": 5,
+            "episodes": 100,
+            "accuracy": 0.6221333348751068,
+        },
+    )
+)

@@ -70,3 +70,18 @@ def shipped_path(name: str) -> Path | None:
     if key in WEIGHTS and WEIGHTS.get(key).available:
         return WEIGHTS.get(key).path
     return None
+
+
+def evaluate_check(entry: ShippedWeights, *, data_root: str | Path | None = None, device: str = "cpu") -> float:
+    """Re-measure ``entry.check``: ProtoNet on the shipped backbone, mean accuracy over the fixed episodes."""
+    from ..data import EpisodeSampler, load_dataset
+    from ..engine.evaluate import evaluate
+    from ..learners import create as create_learner
+    from .registry import create
+
+    c = entry.check
+    data = load_dataset(c["dataset"], c["subset"], root=data_root, **c.get("options", {}))
+    backbone = create(entry.arch, weights=entry.weights).to(device)
+    sampler = EpisodeSampler(data, c["n_way"], c["k_shot"], c.get("n_query", 15), seed=c.get("seed", 0), device=device)
+    result = evaluate(create_learner("protonet", backbone), sampler.fixed(c["episodes"]), progress=False)
+    return result.accuracy_mean

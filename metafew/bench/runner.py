@@ -14,6 +14,7 @@ All figures in the outputs are percentages.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +27,7 @@ from ..device import describe_device, resolve_device
 from ..engine.evaluate import EvalResult, evaluate
 from ..engine.train import TrainResult
 from ..errors import ConfigError
+from ..paths import atomic_write
 from .report import write_markdown, write_plot
 from .suite import BenchRow, Suite
 
@@ -66,6 +68,8 @@ def result_row(bench: BenchRow, ev: EvalResult, tr: TrainResult | None, device: 
         "train_steps": tr.steps if tr else 0,
         "train_seconds": round(tr.seconds, 1) if tr else 0.0,
         "device": device,
+        "threads": torch.get_num_threads(),
+        "recipe": "pretrained backbone" if spec.backbone_checkpoint else "from scratch",
         "published": bench.published,
         "source": bench.source,
         "name": spec.name,
@@ -186,6 +190,24 @@ def run_suite(
     return results
 
 
+def _git_commit() -> str | None:
+    """The commit of the metafew source tree these results came from (None outside a git checkout)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
 def write_outputs(suite: Suite, rows: list[dict[str, Any]], out: Path) -> tuple[Path, Path, Path]:
     """Write ``out`` (JSON), ``out.md`` and ``out.png``; returns the three paths."""
     from .. import __version__
@@ -197,10 +219,18 @@ def write_outputs(suite: Suite, rows: list[dict[str, Any]], out: Path) -> tuple[
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "metafew_version": __version__,
         "torch_version": torch.__version__,
+        "git_commit": _git_commit(),
+        "command": " ".join(["metafew", *sys.argv[1:]]) if Path(sys.argv[0]).name == "metafew" else None,
+        "pretrain": suite.pretrain.to_dict() if suite.pretrain is not None else None,
         "units": "percent",
         "rows": rows,
     }
-    out.write_text(json.dumps(doc, indent=2) + "\n")
+    text = json.dumps(doc, indent=2) + "\n"
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(text)
+
+    atomic_write(out, write)
     md, png = out.with_suffix(".md"), out.with_suffix(".png")
     write_markdown(suite, rows, md)
     write_plot(suite, rows, png)

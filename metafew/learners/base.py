@@ -176,6 +176,7 @@ class Learner(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.amp = amp
+        self.default_optimizer = dict(type(self).default_optimizer)  # per instance: callers may change it
 
     # -- the interface -----------------------------------------------------------
     def meta_loss(self, batch: EpisodeBatch) -> tuple[Tensor, Tensor]:

@@ -108,7 +108,6 @@ class FineTune(Learner):
         self.scale = scale if scale is not None else (2.0 if dim is not None and dim <= 200 else 10.0)
         self.full = full
         self.backbone_lr = backbone_lr if backbone_lr is not None else self.lr / 10
-        self.default_optimizer = dict(type(self).default_optimizer)
 
     def meta_loss(self, batch: EpisodeBatch) -> tuple[Tensor, Tensor]:
         """Not meta-trained: always raises (pretrain the backbone instead)."""

@@ -124,7 +124,6 @@ class MAML(Learner):
         self.head_init = head_init
         self.inner_params = inner_params
         self.vmap_tasks = vmap_tasks
-        self.default_optimizer = dict(type(self).default_optimizer)
         self.feature_dim = int(backbone.out_features)  # type: ignore[arg-type]
         self.head = nn.Linear(self.feature_dim, n_way) if head_init == "learned" and n_way is not None else None
 

@@ -56,7 +56,6 @@ class ProtoNet(Learner):
         if distance not in ("euclidean", "cosine"):
             raise MetafewError(f"ProtoNet: distance must be 'euclidean' or 'cosine', got {distance!r}")
         self.distance = distance
-        self.default_optimizer = dict(type(self).default_optimizer)
         if distance == "cosine" and learn_scale:
             self.scale = nn.Parameter(torch.tensor(float(scale)))
         else:

@@ -108,7 +108,6 @@ class Reptile(Learner):
         beta1, beta2 = inner_betas
         self.inner_betas = (beta1, beta2)
         self.train_data = train_data
-        self.default_optimizer = dict(type(self).default_optimizer)
         self.head = nn.Linear(int(backbone.out_features), n_way)  # type: ignore[arg-type]
 
     def meta_params(self) -> Params:
