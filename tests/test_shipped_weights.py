@@ -12,7 +12,7 @@ from metafew.errors import CheckpointError, ConfigError
 
 
 def test_every_declared_backbone_ships():
-    assert {"omniglot-background-conv4", "caltech101-conv4"} <= set(list_weights())
+    assert {"omniglot-conv4", "omniglot-background-conv4", "caltech101-conv4"} <= set(list_weights())
     for name, entry in WEIGHTS.items():
         assert entry.available, f"{name}: {entry.path} is missing"
         assert entry.command.startswith("metafew pretrain"), name

@@ -38,6 +38,26 @@ def conv4(in_channels: int = 3, image_size: tuple[int, int] = (84, 84), hidden: 
 # tests/test_shipped_weights.py.
 register_weights(
     ShippedWeights(
+        name="omniglot-conv4",
+        arch="conv4",
+        weights="omniglot",
+        file="omniglot-conv4.safetensors",
+        description="Omniglot, Vinyals et al.'s 1,028 training characters x 4 rotations (4,112 classes, 28x28, "
+        "grayscale); the epoch kept is the best on the validation classes; the omniglot-pretrained and quick suites' backbone",
+        command="metafew pretrain --dataset omniglot --subset train --val-subset val --keep best --backbone conv4 "
+        "--epochs 5 --lr 0.1 --amp bf16 --out omniglot-conv4 --device cpu",
+        check={
+            "dataset": "omniglot",
+            "subset": "val",
+            "n_way": 5,
+            "k_shot": 1,
+            "episodes": 100,
+            "accuracy": 0.9808000046014785,
+        },
+    )
+)
+register_weights(
+    ShippedWeights(
         name="omniglot-background-conv4",
         arch="conv4",
         weights="omniglot-background",
