@@ -62,12 +62,33 @@ def table(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n\n" + ", ".join(meta) + f", {doc.get('date', '')}\n"
 
 
+def alignment_table(doc: dict[str, Any]) -> str:
+    """The table of ``benchmarks/align.py``: adaptation with and without cross-domain feature alignment."""
+    m = doc["meta"]
+    lines = [
+        "| backbone | alignment | BN statistics | accuracy | balanced accuracy | AUC | MMD: unaligned -> bn -> aligned |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in doc["rows"]:
+        a = r.get("alignment") or {}
+        keys = ("mmd_unaligned", "mmd_bn_only", "mmd_after")
+        shown = " -> ".join(f"{a[k]:.3f}" for k in keys if a.get(k) is not None)
+        lines.append(
+            f"| {r['backbone']} | {r['align']} | {r['bn_stats']} | {r['accuracy']:.3f} ± {r['accuracy_ci95']:.3f} | "
+            f"{r['balanced_accuracy']:.3f} ± {r['balanced_accuracy_ci95']:.3f} | {r['auc']:.3f} ± {r['auc_ci95']:.3f} | {shown} |"
+        )
+    meta = (
+        f"{m['dataset']}, {m['shots']}-shot, {m['draws']} draws scored on the official test split, torch {m['torch']}"
+    )
+    return "\n".join(lines) + f"\n\n{meta}; command: `python {m['command']}`\n"
+
+
 def render(text: str, base: Path) -> str:
     """``text`` with every marked table regenerated from its JSON file (paths relative to ``base``)."""
 
     def fill(m: re.Match[str]) -> str:
         doc = json.loads((base / m["file"]).read_text())
-        return m.group(1) + table(doc) + m.group(4)
+        return m.group(1) + (alignment_table(doc) if "meta" in doc else table(doc)) + m.group(4)
 
     return MARK.sub(fill, text)
 
