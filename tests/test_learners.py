@@ -433,3 +433,16 @@ def test_the_bn_policy_object_decides(backbone, sampler):
         )
     for k, v in backbone.named_buffers():
         assert torch.equal(v, before[k]), k  # no policy touched the backbone's own statistics
+
+
+def test_proto_maml_head_scale_scales_the_initial_logits(backbone, sampler):
+    episode = sampler.sample()
+    heads = {}
+    for scale in (1.0, 0.25):
+        learner = MAML(backbone, head_init="prototypes", head_scale=scale)
+        theta = learner.meta_params()
+        heads[scale] = learner.task_params(theta, episode.support_x, episode.support_y, N_WAY)
+    for key in ("head.weight", "head.bias"):
+        assert torch.allclose(heads[0.25][key], 0.25 * heads[1.0][key])
+    with pytest.raises(Exception, match="head_scale must be positive"):
+        MAML(backbone, head_init="prototypes", head_scale=0.0)

@@ -76,6 +76,10 @@ class MAML(Learner):
             ``"head"`` adapts only the head (ANIL, Raghu et al. 2020).
         vmap_tasks: run the tasks of a meta-batch under ``torch.func.vmap`` instead of a
             Python loop (``meta_loss`` only; BatchNorm then runs as explicit tensor ops).
+        head_scale: Proto-MAML only: the initial logits are ``head_scale`` times the
+            prototypical ones. A pretrained backbone's features are large, so its prototype
+            logits saturate the cross-entropy (loss exactly 0 in float32, no meta-gradient);
+            a scale below 1 keeps the loss and its gradient alive.
         amp: ``"bf16"`` to run forward passes under autocast.
     """
 
@@ -103,6 +107,7 @@ class MAML(Learner):
         head_init: HeadInit | None = None,
         inner_params: Literal["all", "head"] = "all",
         vmap_tasks: bool = False,
+        head_scale: float = 1.0,
         amp: str | None = None,
     ) -> None:
         super().__init__(backbone, amp=amp)
@@ -111,6 +116,8 @@ class MAML(Learner):
             raise MetafewError(f"MAML: head_init must be 'learned', 'zero' or 'prototypes', got {head_init!r}")
         if head_init == "learned" and n_way is None:
             raise MetafewError("MAML: head_init='learned' needs n_way (or use head_init='zero' or 'prototypes')")
+        if not head_scale > 0:
+            raise MetafewError(f"MAML: head_scale must be positive, got {head_scale!r}")
         if inner_params not in ("all", "head"):
             raise MetafewError(f"MAML: inner_params must be 'all' or 'head', got {inner_params!r}")
         if not hasattr(backbone, "out_features"):
@@ -124,6 +131,7 @@ class MAML(Learner):
         self.head_init = head_init
         self.inner_params = inner_params
         self.vmap_tasks = vmap_tasks
+        self.head_scale = head_scale
         self.feature_dim = int(backbone.out_features)  # type: ignore[arg-type]
         self.head = nn.Linear(self.feature_dim, n_way) if head_init == "learned" and n_way is not None else None
 
@@ -155,7 +163,7 @@ class MAML(Learner):
             bias = torch.zeros(n_way, device=support_x.device, dtype=ref.dtype)
         else:  # Proto-MAML: logits 2 c.f - |c|^2 = -|f - c|^2 + |f|^2
             centres = class_means(full_precision(self.features(theta, support_x)), support_y, n_way)
-            weight, bias = 2 * centres, -centres.pow(2).sum(-1)
+            weight, bias = 2 * self.head_scale * centres, -self.head_scale * centres.pow(2).sum(-1)
         return {**theta, "head.weight": weight, "head.bias": bias}
 
     # -- the inner loop ----------------------------------------------------------
