@@ -144,7 +144,9 @@ def main() -> None:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
         return
     matmul, conv = peak_matmul(), peak_conv()
-    print(f"limit on this process ({args.threads} thread(s)): matmul {matmul:.1f} GFLOP/s, conv 3x3 fwd+bwd {conv:.1f} GFLOP/s")
+    print(
+        f"limit on this process ({args.threads} thread(s)): matmul {matmul:.1f} GFLOP/s, conv 3x3 fwd+bwd {conv:.1f} GFLOP/s"
+    )
     results: list[dict[str, Any]] = []
     for variant in args.variants.split(","):
         for name, learner, n, k, q, b, opts in rows:
@@ -152,22 +154,45 @@ def main() -> None:
             flops = flops_of(step)
             sec = seconds_per_call(step)
             gflops = flops / sec / 1e9
-            results.append({"row": name, "variant": variant, "gflop_per_step": round(flops / 1e9, 3),
-                            "seconds_per_step": round(sec, 4), "gflops": round(gflops, 2),
-                            "share_of_conv_limit": round(gflops / conv, 3)})
-            print(f"{variant:>13} {name:>17}: {flops / 1e9:7.2f} GFLOP/step, {sec * 1e3:8.1f} ms/step, "
-                  f"{gflops:6.1f} GFLOP/s = {100 * gflops / conv:5.1f}% of the conv limit")
+            results.append(
+                {
+                    "row": name,
+                    "variant": variant,
+                    "gflop_per_step": round(flops / 1e9, 3),
+                    "seconds_per_step": round(sec, 4),
+                    "gflops": round(gflops, 2),
+                    "share_of_conv_limit": round(gflops / conv, 3),
+                }
+            )
+            print(
+                f"{variant:>13} {name:>17}: {flops / 1e9:7.2f} GFLOP/step, {sec * 1e3:8.1f} ms/step, "
+                f"{gflops:6.1f} GFLOP/s = {100 * gflops / conv:5.1f}% of the conv limit"
+            )
         step = pretrain_step(variant)
         flops, sec = flops_of(step), seconds_per_call(step)
-        results.append({"row": "pretrain-b128", "variant": variant, "gflop_per_step": round(flops / 1e9, 3),
-                        "seconds_per_step": round(sec, 4), "gflops": round(flops / sec / 1e9, 2),
-                        "share_of_conv_limit": round(flops / sec / 1e9 / conv, 3)})
-        print(f"{variant:>13} {'pretrain-b128':>17}: {flops / 1e9:7.2f} GFLOP/step, {sec * 1e3:8.1f} ms/step, "
-              f"{flops / sec / 1e9:6.1f} GFLOP/s = {100 * flops / sec / 1e9 / conv:5.1f}% of the conv limit")
+        results.append(
+            {
+                "row": "pretrain-b128",
+                "variant": variant,
+                "gflop_per_step": round(flops / 1e9, 3),
+                "seconds_per_step": round(sec, 4),
+                "gflops": round(flops / sec / 1e9, 2),
+                "share_of_conv_limit": round(flops / sec / 1e9 / conv, 3),
+            }
+        )
+        print(
+            f"{variant:>13} {'pretrain-b128':>17}: {flops / 1e9:7.2f} GFLOP/step, {sec * 1e3:8.1f} ms/step, "
+            f"{flops / sec / 1e9:6.1f} GFLOP/s = {100 * flops / sec / 1e9 / conv:5.1f}% of the conv limit"
+        )
     if args.out:
-        doc = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.processor() or platform.machine(),
-               "threads": args.threads, "torch": torch.__version__, "limit_gflops": {"matmul": round(matmul, 2), "conv3x3": round(conv, 2)},
-               "rows": results}
+        doc = {
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": platform.processor() or platform.machine(),
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "limit_gflops": {"matmul": round(matmul, 2), "conv3x3": round(conv, 2)},
+            "rows": results,
+        }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(doc, indent=2) + "\n")
 

@@ -41,6 +41,7 @@ from torch import nn
 
 from .backbones.registry import describe
 from .errors import CheckpointError
+from .outputs import OutputError, _safetensors_doc, check_writable, writing
 from .paths import atomic_write
 
 FORMAT = "metafew"
@@ -132,9 +133,27 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], doc: dict[str, Any]) ->
     from safetensors.torch import save_file
 
     try:
-        meta = json.dumps(doc, default=_json_default)
+        meta = json.dumps(doc, default=_json_default, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"cannot save {path}: record is not JSON serialisable ({e})") from e
+    bad = first_non_finite(tensors)
+    if bad is not None:
+        raise CheckpointError(
+            f"refusing to save {path}: tensor {bad!r} holds NaN or infinite values (the weights diverged; "
+            "lower the learning rate or clip the gradients)"
+        )
+    if path.is_dir():
+        raise OutputError(f"{path} is a folder; give a file name, e.g. {path / ('model' + SUFFIX)}")
+    if path.exists() or path.is_symlink():
+        old = _safetensors_doc(path)
+        if path.is_symlink() or old is None:
+            raise OutputError(
+                f"refusing to overwrite {path}: it exists and is not a metafew checkpoint (choose another path or remove it)"
+            )
+        if old.get("kind") != doc.get("kind"):
+            raise OutputError(
+                f"refusing to overwrite {path}: it is a metafew {old.get('kind')} checkpoint, not a {doc.get('kind')} one"
+            )
     seen: set[tuple[int, int]] = set()
     clean: dict[str, torch.Tensor] = {}
     for k, t in tensors.items():
@@ -144,8 +163,31 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], doc: dict[str, Any]) ->
             t = t.clone()
         seen.add(key)
         clean[k] = t
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write(path, lambda tmp: save_file(clean, tmp, metadata={_META_KEY: meta}), fsync=True)
+    check_writable(path.parent if str(path.parent) else Path("."), for_=path)
+
+    def write(tmp: str) -> None:
+        try:
+            save_file(clean, tmp, metadata={_META_KEY: meta})
+        except OSError:
+            raise
+        except Exception as e:  # safetensors reports a full disk as SafetensorError
+            text = str(e)
+            code = 28 if "No space" in text or "os error 28" in text else 5
+            raise OSError(code, text.splitlines()[0] if text else type(e).__name__) from e
+
+    with writing(path):
+        return atomic_write(path, write, fsync=True)
+
+
+def first_non_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding NaN or inf, else None (one host sync)."""
+    names = [k for k, t in tensors.items() if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
+    if not names:
+        return None
+    flags = torch.stack([torch.isfinite(tensors[k]).all().to("cpu") for k in names])
+    if bool(flags.all()):
+        return None
+    return names[int((~flags).nonzero()[0, 0])]
 
 
 def _read(
@@ -177,14 +219,21 @@ def _read(
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise CheckpointError(f"{p} is not a metafew checkpoint")
     version = doc.get("format_version")
-    if version != FORMAT_VERSION:
-        hint = (
-            "a newer metafew wrote it; upgrade metafew"
-            if isinstance(version, int) and version > FORMAT_VERSION
-            else "re-save it"
-        )
+    if not isinstance(version, int) or isinstance(version, bool) or version != FORMAT_VERSION:
+        if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+            hint = "a newer metafew wrote it; upgrade metafew"
+        elif isinstance(version, int) and not isinstance(version, bool):
+            hint = "an older metafew wrote it; re-save it with that version"
+        else:
+            hint = "not a version number: the file is damaged or was not written by metafew"
         raise CheckpointError(
-            f"{p} has checkpoint format version {version}, this metafew reads version {FORMAT_VERSION} ({hint})"
+            f"{p} has checkpoint format version {version!r}, this metafew reads version {FORMAT_VERSION} ({hint})"
+        )
+    bad = first_non_finite(body)
+    if bad is not None:
+        raise CheckpointError(
+            f"{p}: tensor {bad!r} holds NaN or infinite values (the run that wrote it diverged); "
+            "retrain with a lower learning rate"
         )
     return p, doc, body
 

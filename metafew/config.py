@@ -384,12 +384,26 @@ def run_pretrain(
     device: str | torch.device = "auto",
     progress: bool = True,
     log: Any = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Pretrain the recipe's backbone and save it at ``out`` (with the recipe in its record); returns the file."""
+    """Pretrain the recipe's backbone and save it at ``out`` (with the recipe in its record); returns the file.
+
+    ``out`` and its ``.log.jsonl`` are checked before any data is read: an existing
+    metafew backbone is replaced only with ``overwrite=True``, anything else never.
+    """
     from .checkpoint import checkpoint_path
     from .data import FlipCrop, load_dataset
     from .engine.pretrain import pretrain
+    from .outputs import guard_output
 
+    if Path(out).expanduser().is_dir():  # before a suffix is added: a folder is never a backbone file
+        guard_output(out, "backbone", overwrite=overwrite)
+    path = checkpoint_path(out)
+    out_exists = path.exists()
+    guard_output(path, "backbone", overwrite=overwrite)
+    log_file = path.with_suffix(".log.jsonl")
+    if log is None:
+        guard_output(log_file, "pretrain-log", overwrite=overwrite or not out_exists)
     dataset = load_dataset(recipe.dataset, recipe.subset, root=data_root, **recipe.dataset_options)
     val = (
         load_dataset(recipe.dataset, recipe.val_subset, root=data_root, **recipe.dataset_options)
@@ -400,7 +414,6 @@ def run_pretrain(
     if recipe.augment:
         opts = {k: v for k, v in recipe.augment.items() if k != "name"}
         augment = FlipCrop(**opts)
-    path = checkpoint_path(out)
     pretrain(
         recipe.backbone,
         dataset,
@@ -416,9 +429,10 @@ def run_pretrain(
         seed=recipe.seed,
         out=path,
         progress=progress,
-        log=log if log is not None else path.with_suffix(".log.jsonl"),
+        log=log if log is not None else log_file,
         backbone_options=recipe.backbone_options or None,
         keep=recipe.keep,
+        overwrite=overwrite,
     )
     return path
 
@@ -485,8 +499,13 @@ def train_run(
     device: str | torch.device = "auto",
     progress: bool = True,
     resume: bool = True,
+    overwrite: bool = False,
+    allow_changes: bool = False,
 ) -> tuple[Learner, Any]:
     """Meta-train ``config``'s learner (resuming in ``out_dir``) and load its best weights.
+
+    ``out_dir`` is checked before any data is read (:func:`metafew.outputs.guard_run_dir`);
+    ``overwrite`` replaces a run there, ``allow_changes`` resumes it with other settings.
 
     Returns ``(learner, TrainResult)``; the result is None when ``config.steps == 0``.
     Every checkpoint records ``config`` (with the pretrained backbone's weights inside
@@ -506,6 +525,10 @@ def train_run(
     from .device import resolve_device
     from .engine.train import load_weights, train
 
+    if out_dir is not None and config.steps > 0:
+        from .outputs import guard_run_dir
+
+        guard_run_dir(out_dir, resume=resume, overwrite=overwrite)  # before any work
     dev = resolve_device(device)
     train_ds = load_dataset(config.dataset, config.train_subset, root=data_root)
     learner = build(config, device=dev, data_root=data_root)
@@ -547,6 +570,8 @@ def train_run(
         progress=progress,
         seed=config.seed,
         config=recorded,
+        overwrite=overwrite,
+        allow_changes=allow_changes,
     )
     if result.checkpoint is not None and result.checkpoint.name == "best.safetensors":
         load_weights(learner, result.checkpoint, dev)

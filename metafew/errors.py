@@ -29,3 +29,7 @@ class CheckpointError(MetafewError, ValueError):
 
 class ConfigError(MetafewError, ValueError):
     """A TOML config or CLI option is invalid."""
+
+
+class TrainingDiverged(MetafewError, ArithmeticError):
+    """The loss or the weights of a run became NaN or infinite."""

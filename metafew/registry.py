@@ -92,9 +92,31 @@ def check_options(factory: Callable[..., Any], options: dict[str, Any], what: st
         hint = hints.get(key)
         if hint is None:
             continue
-        problem = _type_problem(value, hint)
+        problem = _type_problem(value, hint) or _range_problem(key, value)
         if problem:
             raise ConfigError(f"{what}: option {key} must be {problem}, got {value!r}")
+
+
+#: Option names whose values are counts (>= 1) or rates (finite, > 0), whatever the learner or backbone.
+_COUNTS = ("steps", "batch_size", "n_way", "shots", "hidden", "width", "channels")
+_RATES = ("lr", "scale", "temperature")
+
+
+def _range_problem(key: str, value: Any) -> str | None:
+    """A count that is not >= 1, or a rate that is not finite and > 0 (by the option's name)."""
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if key.endswith("inner_steps") and isinstance(value, int) and value < 0:  # 0: no inner adaptation
+        return "an integer >= 0"
+    if key.endswith("inner_steps"):
+        return None
+    if any(key == n or key.endswith("_" + n) for n in _COUNTS) and isinstance(value, int) and value < 1:
+        return "an integer >= 1"
+    if any(key == n or key.endswith("_" + n) for n in _RATES) and not (math.isfinite(value) and value > 0):
+        return "a finite number > 0"
+    return None
 
 
 def _type_problem(value: Any, hint: Any) -> str | None:

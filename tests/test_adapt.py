@@ -267,10 +267,15 @@ def test_cli_adapt_and_predict(
     assert rc == 0, err
     doc = json.loads(stdout)
     assert doc["classes"] == ["normal", "pneumonia"] and len(doc["predictions"]) == 12
-    # Running again overwrites its own outputs.
+    # Running again replaces its own outputs only with --overwrite.
     rc, _, err = cli(["adapt", "--data", folder, "--backbone", backbone_ckpt, "--draws", "1", "--out", out], capsys)
+    assert_one_line_error(rc, err, "--overwrite")
+    adapt_again = ["adapt", "--data", folder, "--backbone", backbone_ckpt, "--draws", "1", "--out", out]
+    rc, _, err = cli([*adapt_again, "--overwrite"], capsys)
     assert rc == 0, err
     rc, _, err = cli(["predict", "--model", out, folder / "normal", "--out", csv_path], capsys)
+    assert_one_line_error(rc, err, "--overwrite")
+    rc, _, err = cli(["predict", "--model", out, folder / "normal", "--out", csv_path, "--overwrite"], capsys)
     assert rc == 0, err
 
 

@@ -8,12 +8,14 @@ gives a model that predicts (``model.predict(paths)``), evaluates on a labelled 
 
 Modules, each importing only those before it: :mod:`.preprocess`, :mod:`.metrics`,
 :mod:`.outputs`, :mod:`.inputs` (backbone and data), :mod:`.estimate`, :mod:`.model`
-(:class:`AdaptedModel`, :func:`load`), :mod:`.core` (:func:`adapt`).
+(:class:`AdaptedModel`, :func:`load`), :mod:`.align` (:func:`align_backbone`: MMD, DANN or
+AdaBN alignment to unlabeled images), :mod:`.core` (:func:`adapt`).
 """
 
 from typing import Any
 
 from . import core
+from .align import ALIGN_METHODS, align_backbone
 from .core import adapt, default_options, methods
 from .estimate import AdaptationReport, AdaptationWarning, Summary, estimate
 from .inputs import resolve_backbone, resolve_data
@@ -31,6 +33,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "ALIGN_METHODS",
     "DEFAULT_OPTIONS",
     "METHODS",
     "MODEL_FORMAT_VERSION",
@@ -43,6 +46,7 @@ __all__ = [
     "Preprocessing",
     "Summary",
     "adapt",
+    "align_backbone",
     "check_output",
     "default_options",
     "estimate",

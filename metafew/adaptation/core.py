@@ -10,6 +10,10 @@ The steps, each one documented where it is done:
    images not in its support (:mod:`.estimate`);
 4. the final model: the learner adapted to one more seeded draw of ``shots`` images
    per class (or every image with ``shots="all"``).
+
+With ``unlabeled=`` and ``align=``, between steps 2 and 3 the backbone is aligned to the
+unlabeled target images (:mod:`.align`); the estimate and the final model both use the
+aligned backbone, which is saved with the model.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from ..errors import ConfigError, DatasetError
 from ..learners import LEARNERS, available
 from ..learners import create as create_learner
 from ..seeding import derive_seed, generator
+from .align import ALIGN_METHODS, DEFAULT_STEPS, align_backbone, load_source, unlabeled_pool
 from .estimate import (
     AdaptationReport,
     BNStats,
@@ -79,12 +84,17 @@ def adapt(
     std: Sequence[float] | None = None,
     skip_bad: bool = False,
     query_bn: QueryBN = "support",
-    bn_stats: BNStats = "support",
+    bn_stats: BNStats | None = None,
     max_eval: int | None = 2000,
     batch_size: int = 256,
     data_root: str | os.PathLike[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
     calibrate: bool = True,
+    unlabeled: Any = None,
+    align: str | None = None,
+    align_steps: int = DEFAULT_STEPS,
+    align_source: FewShotDataset | str | None = None,
+    transductive: bool = False,
     **options: Any,
 ) -> AdaptedModel:
     """Adapt a pretrained backbone to a few labelled images per class, with an honest estimate.
@@ -107,10 +117,11 @@ def adapt(
         query_bn: for MAML (transductive BatchNorm), normalise predictions with the
             support set's statistics (``"support"``: every image predicted on its own) or
             with each prediction batch's (``"batch"``: MAML's original test-time behaviour).
-        bn_stats: ``"support"`` (default): ProtoNet and fine-tuning re-estimate the backbone's
-            BatchNorm statistics on the support images before adapting (AdaBN: a backbone
-            pretrained on other kinds of images then fits the new ones much better; MAML
-            does this by design); ``"backbone"``: keep the pretraining statistics.
+        bn_stats: ``"support"`` (the default without ``align``): ProtoNet and fine-tuning
+            re-estimate the backbone's BatchNorm statistics on the support images before
+            adapting (AdaBN: a backbone pretrained on other kinds of images then fits the new
+            ones much better; MAML does this by design); ``"backbone"`` (the default with
+            ``align``): keep the backbone's statistics (with ``align``, those of the unlabeled images).
         max_eval: score at most this many held-out images per draw (large pools only).
         batch_size: images per forward pass.
         data_root: where dataset names are looked up (default ``$METAFEW_DATA``).
@@ -118,6 +129,19 @@ def adapt(
         calibrate: divide the final model's logits by a temperature fitted to the held-out
             predictions of the estimate draws, so that its probabilities are calibrated
             (classes and accuracy are unchanged). Needs ``eval_draws > 0``.
+        unlabeled: unlabeled images of the target domain (a folder, files, tensors or a
+            FewShotDataset; any size or mode, converted as the labelled images are), used by ``align``.
+        align: align the backbone to ``unlabeled`` before the few-shot step: ``"mmd"``
+            (multi-kernel MMD between source and target features), ``"dann"`` (a domain
+            classifier through gradient reversal), both keeping source classification on a
+            sample of the backbone's pretraining data, or ``"bn"`` (BatchNorm statistics of
+            the unlabeled images, no training, no source) (:mod:`metafew.adaptation.align`).
+        align_steps: training steps of mmd/dann alignment.
+        align_source: the source data for mmd/dann (a dataset name or a FewShotDataset);
+            default: the dataset the backbone checkpoint records.
+        transductive: let the unlabeled pool include labelled images (which the estimate
+            scores). By default any unlabeled image that is also a labelled one (same file,
+            or same pixels) is left out, so the estimate stays honest; the report says which.
         **options: learner options, e.g. ``steps=200`` for finetune, ``test_inner_lr=0.05``.
 
     Returns:
@@ -136,6 +160,16 @@ def adapt(
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(methods())}")
     if not isinstance(eval_draws, int) or eval_draws < 0:
         raise ConfigError(f"eval_draws must be a non-negative integer, got {eval_draws!r}")
+    if align is not None:
+        align = str(align).lower()
+        if align not in ALIGN_METHODS:
+            raise ConfigError(f"unknown alignment method {align!r}; choose one of {', '.join(ALIGN_METHODS)}")
+        if unlabeled is None:
+            raise ConfigError(f"align={align!r} needs unlabeled images (unlabeled=FOLDER)")
+    elif unlabeled is not None:
+        raise ConfigError("unlabeled images are used only to align the backbone: give align='mmd', 'dann' or 'bn'")
+    if bn_stats is None:
+        bn_stats = "backbone" if align else "support"
     if bn_stats not in ("support", "backbone"):
         raise ConfigError(f"bn_stats must be 'support' or 'backbone', got {bn_stats!r}")
     if query_bn not in ("support", "batch"):
@@ -148,6 +182,19 @@ def adapt(
     if ds.channels not in (1, 2, 3, 4) and ds.channels != prep.channels:
         raise DatasetError(f"{ds.name}: cannot convert {ds.channels}-channel images to the backbone's {prep.channels}")
     support_sizes(ds.class_counts().tolist(), shots, ds.classes)  # validates shots before any work
+    folder = (
+        Path(data).expanduser().resolve()
+        if isinstance(data, (str, os.PathLike)) and Path(data).expanduser().is_dir()
+        else None
+    )
+    alignment = None
+    if align is not None:
+        module, alignment = _align(
+            module, prep, backbone_info, unlabeled, align, ds=ds, folder=folder, transductive=transductive,
+            skip_bad=skip_bad, steps=align_steps, source=align_source, data_root=data_root, seed=seed, device=dev,
+            bn_stats=bn_stats,
+        )  # fmt: skip
+        backbone_info = {**backbone_info, "aligned": alignment}
 
     opts = {**default_options(method), **options}
     learner = create_learner(method, module, **opts).to(dev).eval()
@@ -157,16 +204,14 @@ def adapt(
         method=method, shots=shots, draws=eval_draws, seed=seed, device=dev, query_bn=query_bn,
         max_eval=max_eval, batch_size=batch_size, progress=progress, calibrate=calibrate, bn_stats=bn_stats,
     )  # fmt: skip
+    report.alignment = alignment
+    if alignment and alignment.get("note"):
+        report.notes.append(alignment["note"])
 
     _, final_k, _ = support_sizes(ds.class_counts().tolist(), shots, ds.classes)
     support, _ = draw_support(labels, final_k, generator(seed, "final"))
     bn = deployment_policy(learner, bn_stats, query_bn)
     classifier = adapt_on(learner, images, labels, support, prep, dev, derive_seed(seed, "adapt-final"), bn)
-    folder = (
-        Path(data).expanduser().resolve()
-        if isinstance(data, (str, os.PathLike)) and Path(data).expanduser().is_dir()
-        else None
-    )
     support_record = {
         "data": ds.name,
         "folder": str(folder) if folder else None,
@@ -187,6 +232,31 @@ def adapt(
         support=support_record,
         device=dev,
     )
+
+
+def _align(
+    module: nn.Module, prep: Any, backbone_info: dict[str, Any], unlabeled: Any, method: str, *,
+    ds: FewShotDataset, folder: Path | None, transductive: bool, skip_bad: bool, steps: int,
+    source: FewShotDataset | str | None, data_root: Any, seed: int, device: torch.device, bn_stats: str,
+) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
+    """The backbone aligned to the unlabeled pool, and the JSON description saved with the model and report."""
+    pool, counts = unlabeled_pool(
+        unlabeled, prep, labelled=ds.images, labelled_folder=folder, transductive=transductive, skip_bad=skip_bad
+    )
+    src = None
+    if method != "bn":
+        src = load_source(
+            source if source is not None else backbone_info.get("pretrained_on"), prep,
+            root=data_root, seed=seed, method=method,
+        )  # fmt: skip
+    aligned, info = align_backbone(module, prep, pool, method, source=src, steps=steps, seed=seed, device=device)
+    info["pool"] = counts
+    info["unlabeled"] = (
+        str(Path(unlabeled).expanduser().resolve()) if isinstance(unlabeled, (str, os.PathLike)) else None
+    )
+    if bn_stats == "support" and method == "bn":
+        info["note"] = "bn_stats='support' replaces the aligned statistics by the support set's for protonet/finetune"
+    return aligned, info
 
 
 __all__ = ["AdaptationReport", "adapt", "default_options", "methods", "resolve_backbone", "resolve_data"]

@@ -202,6 +202,7 @@ class AdaptationReport:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     temperature: float | None = None  # fitted on the held-out predictions (None: not fitted)
+    alignment: dict[str, Any] | None = None  # the backbone's alignment to unlabeled images (None: not aligned)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -237,6 +238,8 @@ class AdaptationReport:
             lines.append(
                 f"probabilities calibrated on the held-out predictions of the draws (softmax temperature {self.temperature:.3g})"
             )
+        if self.alignment:
+            lines.append(alignment_line(self.alignment))
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 
@@ -255,6 +258,22 @@ class AdaptationReport:
         from ..paths import atomic_write
 
         return atomic_write(p, lambda tmp: plot_confusion(self.confusion, self.classes, tmp, title, fmt="png"))
+
+
+def alignment_line(a: dict[str, Any]) -> str:
+    """One readable line on how the backbone was aligned (:func:`metafew.adaptation.align.align_backbone`)."""
+    how = str(a.get("method"))
+    if a.get("method") != "bn":
+        how += f", {a.get('steps')} steps, source: {a.get('source_images')} images of {a.get('source', 'the source')}"
+    else:
+        how += ": BatchNorm statistics of the unlabeled images"
+    pool = a.get("pool") or {}
+    used, overlap = pool.get("used", a.get("target_images")), pool.get("labelled_overlap", 0)
+    if pool.get("transductive"):
+        mode = f"transductive: the pool may include images the estimate scores ({overlap} labelled images in it)"
+    else:
+        mode = f"inductive: {overlap} labelled images left out of the pool, so no scored image took part"
+    return f"backbone aligned to {used} unlabeled images by {how} ({mode})"
 
 
 def _f(x: float | None) -> str:

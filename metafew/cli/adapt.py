@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DatasetError
-from .common import add_command, parse_options
+from .common import add_command, non_negative_int, parse_options, positive_int
 
 EPILOG = """\
 examples:
@@ -33,6 +33,13 @@ scored. The saved model is adapted to one more seeded draw (--shots all: every i
 its probabilities are calibrated (one softmax temperature fitted on the held-out
 predictions of the draws). ProtoNet and finetune re-estimate the backbone's BatchNorm
 statistics on the support images (--bn-stats support), as MAML does by design.
+
+--unlabeled DIR --align mmd|dann|bn: first align the backbone to unlabeled images of
+your domain (any size or mode, converted as the labelled ones): mmd or dann fine-tune
+it so its features of DIR match those of its pretraining images (found from the
+checkpoint's record, or --align-source), keeping their classification; bn only
+re-estimates its BatchNorm statistics on DIR. Labelled images found in DIR are left
+out unless --transductive; the report says which.
 Next to MODEL: MODEL's name + .report.json (the estimate) and .confusion.png."""
 
 
@@ -56,7 +63,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--method", default="protonet", choices=methods(), help="how to adapt (a registered learner)")
     p.add_argument("--shots", default="5", metavar="K|all", help="support images per class, or 'all'")
     p.add_argument("--out", required=True, metavar="MODEL", help="model file to write (.safetensors)")
-    p.add_argument("--draws", type=int, default=20, help="support draws of the estimate (100 for a report; 0: none)")
+    p.add_argument(
+        "--draws", type=non_negative_int, default=20, help="support draws of the estimate (100 for a report; 0: none)"
+    )
     p.add_argument(
         "--report-dir", metavar="DIR", help="where to write the JSON report and PNG (default: next to MODEL)"
     )
@@ -64,18 +73,46 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--skip-bad", action="store_true", help="leave unreadable image files out (with a warning) instead of stopping"
     )
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="learner option, repeatable (e.g. steps=200)")
-    p.add_argument("--max-eval", type=int, default=2000, help="score at most this many held-out images per draw")
+    p.add_argument(
+        "--max-eval", type=positive_int, default=2000, help="score at most this many held-out images per draw"
+    )
     p.add_argument(
         "--bn-stats",
         choices=["support", "backbone"],
-        default="support",
-        help="BatchNorm statistics of protonet/finetune: re-estimated on the support images, or the backbone's",
+        default=None,
+        help="BatchNorm statistics of protonet/finetune: re-estimated on the support images, or the backbone's "
+        "(default: support; backbone with --align, whose statistics are then the unlabeled images')",
     )
     p.add_argument(
         "--no-calibrate",
         dest="calibrate",
         action="store_false",
         help="keep the learner's raw softmax (default: temperature fitted on the estimate's held-out predictions)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace MODEL and its report if metafew wrote them earlier"
+    )
+    from ..adaptation.align import ALIGN_METHODS, DEFAULT_STEPS
+
+    p.add_argument("--unlabeled", metavar="DIR", help="unlabeled images of your domain, to align the backbone with")
+    p.add_argument(
+        "--align",
+        choices=ALIGN_METHODS,
+        help="align the backbone to --unlabeled first: mmd or dann (fine-tuned, keeping its source classes), "
+        "bn (BatchNorm statistics of the unlabeled images)",
+    )
+    p.add_argument(
+        "--align-steps", type=non_negative_int, default=DEFAULT_STEPS, help="training steps of mmd/dann alignment"
+    )
+    p.add_argument(
+        "--align-source",
+        metavar="NAME",
+        help="source data for mmd/dann (default: the dataset the backbone checkpoint records)",
+    )
+    p.add_argument(
+        "--transductive",
+        action="store_true",
+        help="let --unlabeled include labelled images (by default those are left out so the estimate stays honest)",
     )
     return p
 
@@ -111,16 +148,25 @@ def run(args: argparse.Namespace) -> int:
     from ..adaptation import adapt, check_output
 
     shots = parse_shots(args.shots)
+    if args.align and not args.unlabeled:
+        raise ConfigError(f"--align {args.align} needs --unlabeled DIR (a folder of unlabeled images of your domain)")
+    if args.unlabeled and not args.align:
+        raise ConfigError("--unlabeled is used only to align the backbone: add --align mmd, dann or bn")
+    if args.unlabeled:
+        unlabeled = Path(args.unlabeled).expanduser()
+        if not unlabeled.is_dir():
+            raise DatasetError(f"--unlabeled folder not found: {unlabeled}")
     options = parse_options(args.option, "--option")
     if args.amp:
         options.setdefault("amp", args.amp)
     model_path, report_path, png_path = output_paths(args.out, args.report_dir)
     protect = _protected(args.data)
-    check_output(args.out, "model", protect=protect)  # a folder is refused before a suffix is added
-    # Refuse before any work: never overwrite something metafew did not write.
-    check_output(model_path, "model", protect=protect)
-    check_output(report_path, "report", protect=protect)
-    check_output(png_path, "png", protect=protect)
+    over = args.overwrite
+    check_output(args.out, "model", protect=protect, overwrite=over)  # a folder is refused before a suffix is added
+    # Refuse before any work: never overwrite something metafew did not write (nor, without --overwrite, anything).
+    check_output(model_path, "model", protect=protect, overwrite=over)
+    check_output(report_path, "report", protect=protect, overwrite=over)
+    check_output(png_path, "png", protect=protect, overwrite=over)
 
     def progress(done: int, total: int) -> None:
         if args.progress and sys.stderr.isatty():
@@ -132,7 +178,9 @@ def run(args: argparse.Namespace) -> int:
             model = adapt(
                 args.data, args.backbone, method=args.method, shots=shots, eval_draws=args.draws, seed=args.seed,
                 device=args.device, skip_bad=args.skip_bad, max_eval=args.max_eval, data_root=args.data_root,
-                bn_stats=args.bn_stats, calibrate=args.calibrate, progress=progress, **options,
+                bn_stats=args.bn_stats, calibrate=args.calibrate, progress=progress, unlabeled=args.unlabeled,
+                align=args.align, align_steps=args.align_steps, align_source=args.align_source,
+                transductive=args.transductive, **options,
             )  # fmt: skip
         except DatasetError as e:
             raise DatasetError(str(e).replace("pass on_error='skip'", "use --skip-bad")) from e

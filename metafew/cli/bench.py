@@ -38,6 +38,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--work-dir", metavar="DIR", help="where rows are trained (default: <out folder>/runs/<suite>)")
     p.add_argument("--row", action="append", metavar="NAME", help="run only this row (repeatable)")
     p.add_argument("--list", action="store_true", help="list the suite's rows and exit")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT (and its .md, .png) from an earlier bench")
     return p
 
 
@@ -57,7 +58,21 @@ def run(args: argparse.Namespace) -> int:
                 f"of {c.meta_batch_size} x {way}-way {shot}-shot {query}-query{pub}"
             )
         return 0
-    out = Path(args.out or f"results/{suite.name}.json")
+    from ..outputs import check_writable, guard_output
+
+    out = Path(args.out or f"results/{suite.name}.json").expanduser()
+    if out.suffix != ".json":
+        out = out.with_suffix(".json")
+    # Before any row runs: the three reports may replace only an earlier bench's, with --overwrite.
+    guard_output(out, "bench", overwrite=args.overwrite)
+    guard_output(out.with_suffix(".md"), "bench-md", overwrite=args.overwrite)
+    guard_output(out.with_suffix(".png"), "bench-png", overwrite=args.overwrite)
+    work = Path(args.work_dir).expanduser() if args.work_dir else out.parent / "runs" / suite.name
+    if work.exists() and not work.is_dir():
+        from ..outputs import OutputError
+
+        raise OutputError(f"--work-dir {work} is a file; give a folder")
+    check_writable(work)
     run_suite(
         suite,
         out,

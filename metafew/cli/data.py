@@ -71,6 +71,13 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  {name}: {counts.get('classes')} classes, {counts.get('images')} images")
         if info.get("found") is False:
             raise DatasetNotFoundError(message or f"{args.name} not found under {info.get('data_root')}")
+        if subsets and not any(int(c.get("images") or 0) for c in subsets.values()):
+            from ..errors import DatasetError
+
+            raise DatasetError(
+                f"{args.name} holds no images{' (' + message + ')' if message else ''}; "
+                "put one sub-folder of images per class in it"
+            )
         return 0
     found = dataset_info(args.name, args.data_root) if args.subset is None else None
     subsets = [args.subset] if args.subset else list(_subsets(found)) or ["train"]

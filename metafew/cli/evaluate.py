@@ -73,13 +73,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--auc", action=argparse.BooleanOptionalAction, default=None, help="macro one-vs-rest AUC (default: for 2-way)"
     )
     g.add_argument("--json", metavar="FILE", help="also write the result (with per-episode accuracies) as JSON")
+    g.add_argument("--overwrite", action="store_true", help="replace --json if it is an earlier metafew result")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     from ..config import load_run, test_episodes
+    from ..outputs import EVALUATION_FORMAT, guard_output, write_json
 
     path = str(Path(args.checkpoint).expanduser())
+    js = guard_output(args.json, "evaluation", overwrite=args.overwrite) if args.json else None  # before any work
     overrides = config_overrides(args, EVAL_FLAGS)
     overrides.setdefault("eval_episodes", 600)
     overrides.update(seed=args.seed, amp=args.amp)
@@ -100,8 +103,9 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         print(f"{what}: {result}")
-    if args.json:
+    if js is not None:
         doc = {
+            "format": EVALUATION_FORMAT,
             "checkpoint": path,
             "learner": config.learner,
             "dataset": config.dataset,
@@ -109,5 +113,5 @@ def run(args: argparse.Namespace) -> int:
             "config": config.to_dict(),
             **result.to_dict(per_episode=True),
         }
-        Path(args.json).expanduser().write_text(json.dumps(doc, indent=2) + "\n")
+        write_json(js, json.loads(json.dumps(doc, default=str)))
     return 0

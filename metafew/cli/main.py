@@ -10,11 +10,14 @@ exits with 130 (training saves a checkpoint first).
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 from types import ModuleType
+from typing import NoReturn
 
 from ..errors import MetafewError
+from ..registry import did_you_mean
 from . import adapt, bench, data, evaluate, predict, pretrain, train
 from .common import HelpFormatter
 
@@ -33,8 +36,19 @@ examples:
 Run `metafew COMMAND --help` for the options of a command."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with "did you mean ...?" for a misspelt command or choice."""
+
+    def error(self, message: str) -> NoReturn:
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m:
+            choices = re.findall(r"'([^']*)'", m.group(2)) or [c.strip() for c in m.group(2).split(",")]
+            message += did_you_mean(m.group(1), choices)
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="metafew",
         description="Few-shot image classification by meta-learning: ProtoNet, MAML, FO-MAML, Reptile and "
         "fine-tuning on a shared backbone, trained and compared on fixed episodes.",
@@ -53,20 +67,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "_run", None) is None:
-        parser.print_help()
-        return 0
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if getattr(args, "_run", None) is None:
+            parser.print_help()
+            return 0
         return int(args._run(args) or 0)
-    except KeyboardInterrupt:
-        print("metafew: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        where = " ".join(str(e).split())  # the training loop says where its checkpoint is
+        print(f"metafew: interrupted{': ' + where if where else ''}", file=sys.stderr)
         return 130
-    except (MetafewError, FileNotFoundError, NotADirectoryError, ValueError) as e:
-        message = " ".join(str(e).split()) or type(e).__name__
-        print(f"metafew: error: {message}", file=sys.stderr)
+    except (MetafewError, ValueError) as e:
+        print(f"metafew: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except OSError as e:  # a missing file, a read-only folder, a full disk: the path and the reason
+        print(f"metafew: error: {_os_error(e)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _os_error(e: OSError) -> str:
+    if e.filename is None or isinstance(e, MetafewError):
+        return _one_line(e)
+    names = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+    return f"{names}: {e.strerror or _one_line(e)}"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,7 +10,7 @@ import sys
 import warnings
 from typing import Any
 
-from .common import add_command
+from .common import add_command, positive_int
 
 EPILOG = """\
 examples:
@@ -20,7 +20,8 @@ examples:
 
 A folder is searched recursively for image files. CSV columns: path, class (the
 predicted one), p_<class> for every class (probabilities, summing to 1).
---out never overwrites a file that is not an earlier metafew predictions file."""
+--out never overwrites a file that is not an earlier metafew predictions file, and
+replaces one only with --overwrite."""
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -41,7 +42,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--skip-bad", action="store_true", help="leave unreadable files out (with a warning) instead of stopping"
     )
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace --out if it is an earlier metafew predictions file"
+    )
     return p
 
 
@@ -71,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from ..adaptation.outputs import write_text
 
     fmt = args.format or ("json" if args.out and args.out.lower().endswith(".json") else "csv")
-    out = check_output(args.out, "predictions") if args.out else None  # refuse before any work
+    out = check_output(args.out, "predictions", overwrite=args.overwrite) if args.out else None  # before any work
     model = load(args.model, device=args.device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -41,6 +41,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--augment", choices=["flipcrop"], default=None, help="on-device augmentation (default: none)")
     p.add_argument("--augment-option", action="append", metavar="KEY=VALUE", help="augmentation option, e.g. padding=2")
     p.add_argument("--out", required=True, metavar="FILE", help="where to save the backbone (.safetensors)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace --out (and its .log.jsonl) if metafew wrote them earlier"
+    )
     return p
 
 
@@ -58,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     recipe = PretrainConfig.from_dict(d, where="options")
     out = Path(args.out).expanduser()
     print(f"pretraining {recipe.backbone} on {recipe.dataset}/{recipe.subset} for {recipe.epochs} epochs")
-    path = run_pretrain(recipe, out, data_root=args.data_root, device=args.device, progress=args.progress)
+    path = run_pretrain(
+        recipe, out, data_root=args.data_root, device=args.device, progress=args.progress, overwrite=args.overwrite
+    )
     print(f"saved {path}")
     return 0

@@ -113,22 +113,43 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--out", metavar="DIR", help="run folder (default: runs/<row name>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from last.safetensors")
-    g.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a run")
+    g.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a run (replacing it)")
+    g.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="with --resume: continue even if the settings differ from the run's (log.jsonl records the change)",
+    )
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     spec = config_from_args(args)
+    from ..outputs import guard_run_dir, holds_run
+
     out = Path(args.out or f"runs/{spec.name}").expanduser()
-    if (out / "last.safetensors").exists() and not (args.resume or args.overwrite):
-        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start afresh")
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume continues a run and --overwrite replaces it: pass one of them")
+    if args.allow_config_change and not args.resume:
+        raise ConfigError("--allow-config-change only applies with --resume")
+    if args.resume and spec.steps > 0 and not (out / "last.safetensors").is_file():
+        found = "holds no run" if not holds_run(out) else "holds no last.safetensors to continue from"
+        raise ConfigError(f"--resume: {out} {found}; drop --resume to start a new run there")
+    if spec.steps > 0:
+        guard_run_dir(out, resume=args.resume, overwrite=args.overwrite)  # before any data is read
     way, shot, query = spec.train_setting
     print(
         f"training {spec.learner} on {spec.dataset}/{spec.train_subset}: {way}-way {shot}-shot {query}-query, "
         f"{spec.steps} steps x {spec.meta_batch_size} episodes -> {out}"
     )
     _, result = train_run(
-        spec, out, data_root=args.data_root, device=args.device, progress=args.progress, resume=args.resume
+        spec,
+        out,
+        data_root=args.data_root,
+        device=args.device,
+        progress=args.progress,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        allow_changes=args.allow_config_change,
     )
     if result is None:
         print("steps = 0: nothing to train")

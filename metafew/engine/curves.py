@@ -12,7 +12,7 @@ from ..paths import atomic_write
 
 def read_log(path: str | Path) -> list[dict[str, Any]]:
     """The rows of a run's ``log.jsonl``."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def plot_learning_curve(history: Sequence[dict[str, Any]] | str | Path, path: str | Path, title: str = "") -> Path:
@@ -22,6 +22,7 @@ def plot_learning_curve(history: Sequence[dict[str, Any]] | str | Path, path: st
     The PNG is written atomically, so a reader never sees half a file.
     """
     rows = read_log(history) if isinstance(history, (str, Path)) else list(history)
+    rows = [r for r in rows if "loss" in r]  # event rows (a resume with changed settings) are not plotted
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -43,6 +44,9 @@ def plot_learning_curve(history: Sequence[dict[str, Any]] | str | Path, path: st
         if title:
             fig.suptitle(title)
         fig.tight_layout()
-        return atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+        from .. import __version__
+
+        meta = {"Software": f"metafew {__version__}"}
+        return atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110, metadata=meta))
     finally:
         plt.close(fig)

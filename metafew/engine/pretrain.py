@@ -28,26 +28,55 @@ from torch import nn
 from ..backbones import create
 from ..data.base import FewShotDataset
 from ..device import autocast, eval_mode, resolve_amp, resolve_device
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingDiverged
+from ..outputs import guard_output, writing
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 LogFn = Callable[[dict[str, Any]], None]
 
 
-def _logger(log: LogFn | str | os.PathLike[str] | None) -> LogFn:
-    """``log`` as a callable: a function, a JSON-lines file to append to, or nothing."""
+def _log_path(log: LogFn | str | os.PathLike[str] | None, overwrite: bool) -> Path | None:
+    """Check a log file before the work starts: free, or a metafew pretraining log that may be replaced."""
+    if log is None or callable(log):
+        return None
+    return guard_output(log, "pretrain-log", overwrite=overwrite)
+
+
+def _logger(log: LogFn | str | os.PathLike[str] | None, path: Path | None = None) -> LogFn:
+    """``log`` as a callable: a function, a JSON-lines file (started afresh, strict JSON), or nothing."""
     if log is None:
         return lambda entry: None
     if callable(log):
         return log
-    path = Path(log).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = path or Path(log).expanduser()
+    with writing(path):
+        path.write_text("", encoding="utf-8")  # this run's log: never appended to another run's
 
     def write(entry: dict[str, Any]) -> None:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
+        with writing(path), open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry, allow_nan=False) + "\n")
 
     return write
+
+
+def _check_finite(
+    total_loss: float, bad_step: torch.Tensor, backbone: nn.Module, epoch: int, steps: int, lr: float, out: Any
+) -> None:
+    """Stop with TrainingDiverged when the epoch's loss or a weight is not finite."""
+    what = None
+    step = epoch * steps
+    if not math.isfinite(total_loss):
+        what, step = "the loss", int(bad_step.item())
+    else:
+        params = [p.detach() for p in backbone.parameters() if p.is_floating_point()]
+        if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            what = "a weight"
+    if what is not None:
+        saved = "; nothing was saved" if out is not None else ""
+        raise TrainingDiverged(
+            f"pretraining diverged: {what} became NaN or infinite at step {step} (epoch {epoch}); the learning "
+            f"rate ({lr:g}) is probably too high (lower --lr){saved}"
+        )
 
 
 class _DeviceBatches:
@@ -159,6 +188,7 @@ def pretrain(
     log: LogFn | str | os.PathLike[str] | None = None,
     backbone_options: dict[str, Any] | None = None,
     keep: str = "last",
+    overwrite: bool = False,
 ) -> nn.Module:
     """Pretrain ``backbone`` by cross-entropy over ``dataset``'s classes; returns it (eval mode, on ``device``).
 
@@ -186,7 +216,12 @@ def pretrain(
             best validation figure: few-shot accuracy on other classes, else head accuracy;
             needs ``val``). Validation classes pick the checkpoint; test classes are never seen.
         progress: show a tqdm bar. log: a callable receiving one dict per epoch, or a path to a
-            JSON-lines file appended to.
+            JSON-lines file (started afresh).
+        overwrite: replace ``out`` (and the ``log`` file) when they are earlier metafew files;
+            without it an existing file is refused, and a file metafew did not write always is.
+
+    A loss or weight that becomes NaN or infinite stops the run with
+    :class:`~metafew.errors.TrainingDiverged` naming the epoch and step; nothing is saved.
 
     >>> import metafew
     >>> data = metafew.load_dataset("breastmnist", "train")   # 546 images, 2 classes
@@ -202,9 +237,21 @@ def pretrain(
         raise ConfigError(f"epochs and batch_size must be positive, got {epochs} and {batch_size}")
     if len(dataset) < 2:
         raise ConfigError(f"{dataset.name}: pretraining needs at least 2 images, got {len(dataset)}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"lr must be a finite number > 0, got {lr!r}")
+    if out is not None:
+        from ..checkpoint import checkpoint_path
+
+        if Path(out).expanduser().is_dir():  # before a suffix is added
+            guard_output(out, "backbone", overwrite=overwrite)
+        out_exists = checkpoint_path(out).exists()
+        guard_output(checkpoint_path(out), "backbone", overwrite=overwrite)
+    else:
+        out_exists = False
+    # an earlier metafew log without its backbone is an interrupted run's: replaced
+    log_path = _log_path(log, overwrite or (out is not None and not out_exists))
     dev = resolve_device(device)
     amp_dtype = resolve_amp(amp, dev)
-    emit = _logger(log)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -264,6 +311,8 @@ def pretrain(
     )
     history: list[dict[str, Any]] = []
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+    emit = _logger(log, log_path)
+    bad_step = torch.full((), -1, dtype=torch.long, device=dev)  # first step with a non-finite loss
     backbone.train()
     head.train()
     try:
@@ -282,14 +331,25 @@ def pretrain(
                     loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
-                scaler.step(opt)
+                try:
+                    scaler.step(opt)
+                except RuntimeError as e:  # an update too large for float32
+                    if "overflow" not in str(e):
+                        raise
+                    raise TrainingDiverged(
+                        f"pretraining diverged: an update overflowed at step {(epoch - 1) * steps + step + 1} "
+                        f"(epoch {epoch}); the learning rate ({lr:g}) is probably too high (lower --lr)"
+                    ) from None
                 scaler.update()
                 sched.step()
                 loss_sum += loss.detach() * len(y)
+                done = (epoch - 1) * steps + step + 1
+                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), done, bad_step)
                 correct += (logits.detach().argmax(1) == y).sum()
                 bar.update(1)
             seen = steps * bs
             total_loss, total_correct = torch.stack([loss_sum, correct.float()]).tolist()  # the one sync per epoch
+            _check_finite(total_loss, bad_step, backbone, epoch, steps, lr, out)
             entry: dict[str, Any] = {
                 "epoch": epoch,
                 "loss": total_loss / seen,
@@ -335,7 +395,7 @@ def pretrain(
         }
         save_backbone(
             backbone,
-            out,
+            checkpoint_path(out),
             mean=dataset.mean,
             std=dataset.std,
             dataset=dataset.name,

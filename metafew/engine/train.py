@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 from ..checkpoint import check_state_dict, load_state, save_state
 from ..data.episodes import EpisodeSampler, EpisodeSet
 from ..device import autocast
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, TrainingDiverged
+from ..outputs import guard_run_dir, run_lock, writing
 from .curves import plot_learning_curve
 from .evaluate import evaluate
 
@@ -131,6 +132,8 @@ def train(
     progress: bool = True,
     seed: int = 0,
     config: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    allow_changes: bool = False,
 ) -> TrainResult:
     """Meta-train ``learner`` on ``steps`` meta-batches of ``meta_batch_size`` episodes from ``sampler``.
 
@@ -141,6 +144,13 @@ def train(
     GradScaler). ``config`` is stored in every checkpoint record (what the run is, to
     rebuild the learner later).
 
+    The run folder is checked before anything runs (:func:`metafew.outputs.guard_run_dir`):
+    it may hold only a run's own files; an existing run is continued with ``resume=True``
+    (its stored settings must equal these, unless ``allow_changes=True``, which the log
+    records) or replaced with ``overwrite=True``. One process at a time owns the folder
+    (``.metafew.lock``). A loss or weight that is not finite stops the run with
+    :class:`~metafew.errors.TrainingDiverged`, naming the step; non-finite weights are never saved.
+
     >>> import metafew
     >>> sampler = metafew.EpisodeSampler(metafew.load_dataset("omniglot", "train"), 5, 1, 5, seed=0, device="cpu")
     >>> learner = metafew.ProtoNet(metafew.create_backbone("conv4", in_channels=1, image_size=28))
@@ -150,6 +160,47 @@ def train(
     """
     if steps < 0 or meta_batch_size < 1 or log_every < 1 or val_every < 1 or checkpoint_every < 1:
         raise ConfigError("steps must be >= 0, and meta_batch_size, log_every, val_every, checkpoint_every >= 1")
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"lr must be a finite number > 0, got {lr!r}")
+    if grad_clip is not None and not (math.isfinite(grad_clip) and grad_clip > 0):
+        raise ConfigError(f"grad_clip must be a finite number > 0, got {grad_clip!r}")
+    if not (math.isfinite(gamma) and gamma > 0):
+        raise ConfigError(f"gamma must be a finite number > 0, got {gamma!r}")
+    if out_dir is None:
+        return _train(**locals())
+    out = guard_run_dir(out_dir, resume=resume, overwrite=overwrite)
+    with run_lock(out):
+        kw = {**locals()}
+        kw.pop("out")
+        return _train(**{**kw, "out_dir": out})
+
+
+def _train(
+    learner: Learner,
+    sampler: EpisodeSampler,
+    *,
+    steps: int,
+    meta_batch_size: int,
+    optimizer: str | dict[str, Any] | None,
+    lr: float | None,
+    schedule: str,
+    step_size: int | None,
+    gamma: float,
+    val_episodes: EpisodeSet | None,
+    val_every: int,
+    val_batch_size: int,
+    log_every: int,
+    out_dir: str | Path | None,
+    checkpoint_every: int,
+    resume: bool,
+    amp: str | None,
+    grad_clip: float | None,
+    progress: bool,
+    seed: int,
+    config: dict[str, Any] | None,
+    overwrite: bool,
+    allow_changes: bool,
+) -> TrainResult:
     device = sampler.device
     learner.to(device)
     params = [p for p in learner.parameters() if p.requires_grad]
@@ -162,15 +213,43 @@ def train(
     run: _Run = {"step": 0, "seconds": 0.0, "best_val_acc": None, "best_step": None, "history": []}
     sums = torch.zeros(3, device=device)  # loss, acc, count since the last log row
 
+    settings = {
+        "steps": steps,
+        "meta_batch_size": meta_batch_size,
+        "optimizer": optimizer or default_optimizer,
+        "lr": lr,
+        "schedule": schedule,
+        "step_size": step_size,
+        "gamma": gamma,
+        "grad_clip": grad_clip,
+        "amp": amp,
+        "episodes": [sampler.n_way, sampler.k_shot, sampler.n_query],
+        "val_every": val_every,
+        "seed": seed,
+    }
+    record = {
+        "config": config or {},
+        "steps": steps,
+        "meta_batch_size": meta_batch_size,
+        "schedule": schedule,
+        "settings": settings,
+    }
+    changes: dict[str, list[Any]] = {}
     torch.manual_seed(seed)
     if resume and out is not None and (out / LAST).is_file():
+        changes = _changed_settings(out / LAST, record, allow_changes)
         run, sums = _load_last(out / LAST, learner, opt, scaler, sampler, device)
     elif out is not None:
-        (out / BEST).unlink(missing_ok=True)  # a fresh run: never report an older run's best weights
-    record = {"config": config or {}, "steps": steps, "meta_batch_size": meta_batch_size, "schedule": schedule}
+        # A fresh run: never leave an older run's weights to be taken for this one's, even if interrupted.
+        for name in (BEST, LAST, CURVE, LOG):
+            with writing(out / name):
+                (out / name).unlink(missing_ok=True)
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / LOG).write_text("".join(json.dumps(r) + "\n" for r in run["history"]))  # drop rows past the checkpoint
+        if changes:  # allowed: the log says what changed, and when
+            run["history"].append({"step": run["step"], "event": "resumed with changed settings", "changes": changes})
+        with writing(out / LOG):  # drop rows past the checkpoint
+            (out / LOG).write_text("".join(_json_line(r) for r in run["history"]), encoding="utf-8")
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
 
     plotted_at = -math.inf  # when the learning curve was last drawn
 
@@ -185,6 +264,7 @@ def train(
             "rng": _rng_state(),
             "sums": sums,
         }
+        _check_weights(learner, run["step"], out)
         save_state(state, out / LAST, {**record, **run})
         if run["history"] and (final or time.perf_counter() - plotted_at > 60):  # a plot a minute at most
             plot_learning_curve(run["history"], out / CURVE, title=str((config or {}).get("name", "")))
@@ -208,10 +288,17 @@ def train(
             if grad_clip is not None:
                 scaler.unscale_(opt)
                 nn.utils.clip_grad_norm_(params, grad_clip)
-            scaler.step(opt)
+            try:
+                scaler.step(opt)
+            except RuntimeError as e:  # an update too large for float32 (torch refuses it)
+                if "overflow" not in str(e):
+                    raise
+                bar.close()
+                _diverged(run["step"] + 1, "an update", opt, out, run)
             scaler.update()
             sums += torch.stack([loss.detach().float(), acc.detach().float(), sums.new_ones(())])
             run["step"] = step = run["step"] + 1
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)  # no host sync
             bar.update(1)
 
             # -- logging, validation, checkpoints (the only host syncs) -----------
@@ -219,6 +306,10 @@ def train(
             validate = val_episodes is not None and (step % val_every == 0 or last)
             if step % log_every == 0 or validate or last:
                 loss_sum, acc_sum, n = sums.tolist()
+                if not math.isfinite(loss_sum):
+                    bar.close()
+                    _diverged(int(bad_step.item()), "the loss", opt, out, run)
+                _check_weights(learner, step, out, opt, run, bar)
                 row: dict[str, Any] = {
                     "step": step,
                     "loss": loss_sum / n,
@@ -237,8 +328,8 @@ def train(
                             save_state(learner, out / BEST, {**record, "step": step, "val_acc": row["val_acc"]})
                 run["history"].append(row)
                 if out is not None:
-                    with open(out / LOG, "a") as f:
-                        f.write(json.dumps(row) + "\n")
+                    with writing(out / LOG), open(out / LOG, "a", encoding="utf-8") as f:
+                        f.write(_json_line(row))
                 bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "acc", "val_acc")})
             run["seconds"] = time.perf_counter() - start
             if out is not None and (step % checkpoint_every == 0 or last or interrupted()):
@@ -249,7 +340,8 @@ def train(
     bar.close()
 
     rows = run["history"]
-    final = rows[-1] if rows else {}
+    logged = [r for r in rows if "loss" in r]
+    final = logged[-1] if logged else {}
     best = out / BEST if out is not None and (out / BEST).is_file() else None
     return TrainResult(
         steps=run["step"],
@@ -275,6 +367,78 @@ def load_weights(learner: nn.Module, path: str | Path, device: str | torch.devic
 
 
 # -- internals -------------------------------------------------------------------
+
+
+def _json_line(row: dict[str, Any]) -> str:
+    """One strict JSON line (NaN/Infinity are not JSON: a non-finite value is a bug caught before here)."""
+    return json.dumps(row, allow_nan=False) + "\n"
+
+
+def _check_weights(
+    learner: nn.Module,
+    step: int,
+    out: Path | None,
+    opt: torch.optim.Optimizer | None = None,
+    run: _Run | None = None,
+    bar: Any = None,
+) -> None:
+    """Stop with TrainingDiverged when a weight is not finite (one host sync)."""
+    params = [p.detach() for p in learner.parameters() if p.is_floating_point()]
+    if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        if bar is not None:
+            bar.close()
+        _diverged(step, "a weight", opt, out, run, exact=False)
+
+
+def _diverged(
+    step: int, what: str, opt: torch.optim.Optimizer | None, out: Path | None, run: _Run | None, exact: bool = True
+) -> None:
+    lr = opt.param_groups[0]["lr"] if opt is not None else None
+    at = f"at step {step}" if exact else f"by step {step}"
+    cause = (
+        f"the learning rate ({lr:g}) is probably too high"
+        if lr is not None
+        else "the learning rate is probably too high"
+    )
+    kept = ""
+    if out is not None:
+        last = out / LAST
+        kept = f"; the last good checkpoint is {last}" if last.is_file() else "; no weights were saved"
+    raise TrainingDiverged(
+        f"training diverged: {what} became NaN or infinite {at}; {cause} (lower --lr, or set --grad-clip){kept}"
+    )
+
+
+_UNCHECKED = {"name", "test", "test_subset", "eval_episodes", "eval_batch_size", "log_every", "checkpoint_every"}
+
+
+def _changed_settings(path: Path, record: dict[str, Any], allow: bool) -> dict[str, list[Any]]:
+    """What differs between the run stored at ``path`` and the one asked for; refused unless ``allow``."""
+    from ..checkpoint import read_header
+
+    _, doc = read_header(path)
+    old = doc.get("record") or {}
+    new_plain = json.loads(json.dumps(record, default=str))
+    changes: dict[str, list[Any]] = {}
+    old_settings = old.get("settings") or {k: old.get(k) for k in ("steps", "meta_batch_size", "schedule")}
+    for k, v in (new_plain.get("settings") or {}).items():
+        if k in old_settings and old_settings[k] != v:
+            changes[k] = [old_settings[k], v]
+    old_config, new_config = old.get("config") or {}, new_plain.get("config") or {}
+    if old_config and new_config:
+        for k in sorted(set(old_config) | set(new_config)):
+            if k in _UNCHECKED or k in changes:
+                continue
+            if old_config.get(k) != new_config.get(k):
+                changes[k] = [old_config.get(k), new_config.get(k)]
+    if changes and not allow:
+        listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in list(changes.items())[:4])
+        more = f" and {len(changes) - 4} more" if len(changes) > 4 else ""
+        raise ConfigError(
+            f"{path.parent}: the run was trained with other settings ({listed}{more}); resume with the run's own "
+            "settings, or pass --allow-config-change to continue with the new ones (the log records it)"
+        )
+    return changes
 
 
 def _rng_state() -> dict[str, Any]:
