@@ -20,7 +20,7 @@ test: $(BIN)/.installed
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 
 bench: $(BIN)/.installed
-	$(BIN)/metafew bench --suite quick --out results/quick.json
+	$(BIN)/metafew bench --suite quick --out results/quick.json --overwrite
 
 clean:
 	rm -rf $(VENV) results

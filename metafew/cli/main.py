@@ -47,12 +47,25 @@ class Parser(argparse.ArgumentParser):
         super().error(message)
 
 
+def _registered() -> str:
+    """What the registries hold (plug-ins included), for the help text."""
+    from ..backbones import available, list_weights
+    from ..data import available_datasets
+    from ..learners import available as learners
+
+    return (
+        f"\n\nlearners: {', '.join(learners())}\nbackbones: {', '.join(available())}"
+        f"\npretrained backbones (use the name as --backbone / --backbone-checkpoint): {', '.join(list_weights())}"
+        f"\ndatasets: {', '.join(available_datasets())}"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="metafew",
         description="Few-shot image classification by meta-learning: ProtoNet, MAML, FO-MAML, Reptile and "
         "fine-tuning on a shared backbone, trained and compared on fixed episodes.",
-        epilog=EPILOG,
+        epilog=EPILOG + _registered(),
         formatter_class=HelpFormatter,
     )
     from .. import __version__
