@@ -58,13 +58,15 @@ def peak_matmul(n: int = 2048) -> float:
     return 2 * n**3 / seconds_per_call(lambda: a @ b, min_time=2.0) / 1e9
 
 
-def peak_conv(batch: int = 256, channels: int = 64, size: int = 14) -> float:
+def peak_conv(batch: int = 256, channels: int = 64, size: int = 14, bf16: bool = False) -> float:
     """GFLOP/s of a Conv-4 block's 3x3 convolution, forward + backward, at a size where it is compute-bound."""
     x = torch.randn(batch, channels, size, size, requires_grad=True)
     w = torch.randn(channels, channels, 3, 3, requires_grad=True)
 
     def step() -> None:
-        F.conv2d(x, w, padding=1).sum().backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = F.conv2d(x, w, padding=1)
+        y.float().sum().backward()
 
     return flops_of(step) / seconds_per_call(step, min_time=2.0) / 1e9
 
@@ -143,12 +145,15 @@ def main() -> None:
                 step()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
         return
-    matmul, conv = peak_matmul(), peak_conv()
+    matmul, conv32, conv16 = peak_matmul(), peak_conv(), peak_conv(bf16=True)
+    limits = {"fp32": conv32, "channels_last": conv32, "bf16": conv16}
     print(
-        f"limit on this process ({args.threads} thread(s)): matmul {matmul:.1f} GFLOP/s, conv 3x3 fwd+bwd {conv:.1f} GFLOP/s"
+        f"limit on this process ({args.threads} thread(s)): matmul {matmul:.1f} GFLOP/s, conv 3x3 fwd+bwd "
+        f"{conv32:.1f} GFLOP/s (float32), {conv16:.1f} GFLOP/s (bf16 autocast)"
     )
     results: list[dict[str, Any]] = []
     for variant in args.variants.split(","):
+        conv = limits[variant]
         for name, learner, n, k, q, b, opts in rows:
             step = learner_step(learner, n, k, q, b, opts, variant)
             flops = flops_of(step)
@@ -190,7 +195,11 @@ def main() -> None:
             "machine": platform.processor() or platform.machine(),
             "threads": args.threads,
             "torch": torch.__version__,
-            "limit_gflops": {"matmul": round(matmul, 2), "conv3x3": round(conv, 2)},
+            "limit_gflops": {
+                "matmul": round(matmul, 2),
+                "conv3x3_fp32": round(conv32, 2),
+                "conv3x3_bf16": round(conv16, 2),
+            },
             "rows": results,
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -83,12 +83,32 @@ def alignment_table(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + f"\n\n{meta}; command: `python {m['command']}`\n"
 
 
+def roofline_table(doc: dict[str, Any]) -> str:
+    """The table of ``benchmarks/roofline.py``: FLOPs, time and share of the measured conv limit per step."""
+    lim = doc["limit_gflops"]
+    lines = [
+        "| step | precision | GFLOP / step | ms / step | GFLOP/s | share of the conv limit |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in doc["rows"]:
+        lines.append(
+            f"| {r['row']} | {r['variant']} | {r['gflop_per_step']:.2f} | {1000 * r['seconds_per_step']:.1f} | "
+            f"{r['gflops']:.1f} | {100 * r['share_of_conv_limit']:.0f}% |"
+        )
+    meta = (
+        f"limits measured in the same process: matmul {lim['matmul']:.1f}, 3x3 conv fwd+bwd {lim['conv3x3_fp32']:.1f} "
+        f"(float32) / {lim['conv3x3_bf16']:.1f} (bf16) GFLOP/s; {doc['threads']} thread, torch {doc['torch']}, {doc['date']}"
+    )
+    return "\n".join(lines) + f"\n\n{meta}\n"
+
+
 def render(text: str, base: Path) -> str:
     """``text`` with every marked table regenerated from its JSON file (paths relative to ``base``)."""
 
     def fill(m: re.Match[str]) -> str:
         doc = json.loads((base / m["file"]).read_text())
-        return m.group(1) + (alignment_table(doc) if "meta" in doc else table(doc)) + m.group(4)
+        kind = alignment_table if "meta" in doc else roofline_table if "limit_gflops" in doc else table
+        return m.group(1) + kind(doc) + m.group(4)
 
     return MARK.sub(fill, text)
 
