@@ -24,6 +24,7 @@ def main() -> None:
     p.add_argument("--runs", type=Path, required=True, help="the suite's work folder (<out>/runs/<suite>)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--command", help="the command the rows were run with, recorded in the JSON")
+    p.add_argument("--commit", help="the code the rows ran on (default: none recorded; this checkout may differ)")
     args = p.parse_args()
     suite = load_suite(args.suite)
     found = {}
@@ -34,7 +35,7 @@ def main() -> None:
     missing = [r.name for r in suite.rows if r.name not in found]
     write_outputs(suite, rows, args.out)
     doc = json.loads(args.out.read_text())
-    doc.update(command=args.command, rows_not_run=missing)
+    doc.update(command=args.command, git_commit=args.commit, rows_not_run=missing)
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"{args.out}: {len(rows)} rows" + (f"; not run: {', '.join(missing)}" if missing else ""))
 
