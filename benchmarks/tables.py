@@ -54,7 +54,8 @@ def table(doc: dict[str, Any]) -> str:
         )
     meta = [f"suite `{doc.get('suite')}`", f"metafew {doc.get('metafew_version')}", f"torch {doc.get('torch_version')}"]
     if doc.get("git_commit"):
-        meta.append(f"commit `{doc['git_commit'][:10]}`")
+        commit = str(doc["git_commit"])
+        meta.append(f"code `{commit[:10] if ' ' not in commit else commit}`")
     devices = sorted({r.get("device", "") for r in doc["rows"]})
     meta.append("device: " + "; ".join(devices))
     if doc.get("command"):
