@@ -213,6 +213,30 @@ class Learner(nn.Module):
             accs.append(accuracy(logits, episode.query_y))
         return torch.stack(accs)
 
+    # -- for learners that score a whole batch of episodes in one pass (ProtoNet, MatchingNet, R2-D2...) --
+    def embed(self, x: Tensor) -> Tensor:
+        """Backbone features of images ``[M, C, H, W]`` (under autocast when built with ``amp``), in float32."""
+        with self.autocast(x.device):
+            return full_precision(self.backbone(x))
+
+    def episode_features(self, batch: EpisodeBatch) -> tuple[Tensor, Tensor, int]:
+        """Support ``[B, S, D]`` and query ``[B, Q, D]`` features of a batch, embedded in one pass, and N."""
+        b, s = batch.support_x.shape[:2]
+        images = torch.cat([batch.support_x.flatten(0, 1), batch.query_x.flatten(0, 1)])
+        features = self.embed(images)
+        return features[: b * s].unflatten(0, (b, s)), features[b * s :].unflatten(0, (b, -1)), batch.classes.shape[-1]
+
+    def episode_logits(self, batch: EpisodeBatch) -> Tensor:
+        """Query logits ``[B, Q, N]`` of every episode of ``batch`` (the batched learners define it)."""
+        raise NotImplementedError
+
+    def episodic_loss(self, batch: EpisodeBatch) -> tuple[Tensor, Tensor]:
+        """Cross-entropy of the queries under :meth:`episode_logits` and their accuracy (episodic training)."""
+        with self.bn.while_training(self.backbone):
+            logits = self.episode_logits(batch)
+        loss = F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
+        return loss, accuracy(logits, batch.query_y).mean()
+
     # -- shared helpers ----------------------------------------------------------
     def autocast(self, device: torch.device) -> contextlib.AbstractContextManager[None]:
         """Mixed precision on ``device`` when the learner was built with ``amp``."""

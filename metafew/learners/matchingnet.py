@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ..data.episodes import EpisodeBatch
 from ..errors import MetafewError
-from .base import Classifier, Learner, accuracy, full_precision, infer_n_way
+from .base import Classifier, Learner, accuracy, infer_n_way
 from .bn import BNPolicy, Frozen, Stats
 from .registry import register_learner
 
@@ -109,11 +109,6 @@ class MatchingNet(Learner):
             self.fce = FullContextEmbeddings(dim, fce_steps)
 
     # -- the method ----------------------------------------------------------------
-    def embed(self, x: Tensor) -> Tensor:
-        """Backbone features ``f'``/``g'`` of ``[M, C, H, W]`` images (float32 under autocast)."""
-        with self.autocast(x.device):
-            return full_precision(self.backbone(x))
-
     def support_embeddings(self, support: Tensor) -> Tensor:
         """``g(x_i, S)`` of backbone features ``[..., S, D]`` (the features themselves without FCE)."""
         if self.fce is None:
@@ -128,22 +123,15 @@ class MatchingNet(Learner):
             query = self.fce.query(q, s).view_as(query)
         return matching_logits(query, support, support_onehot)
 
-    def _episode_logits(self, batch: EpisodeBatch) -> Tensor:
+    def episode_logits(self, batch: EpisodeBatch) -> Tensor:
         """Query logits ``[B, M, N]`` of every task, embedding all images of the batch in one call."""
-        b, s = batch.support_x.shape[:2]
-        n_way = batch.classes.shape[-1]
-        images = torch.cat([batch.support_x.flatten(0, 1), batch.query_x.flatten(0, 1)])
-        features = self.embed(images)
-        support = self.support_embeddings(features[: b * s].unflatten(0, (b, s)))
-        query = features[b * s :].unflatten(0, (b, -1))
+        support, query, n_way = self.episode_features(batch)
+        support = self.support_embeddings(support)
         return self.logits(query, support, one_hot(batch.support_y, n_way, support.dtype))
 
     def meta_loss(self, batch: EpisodeBatch) -> tuple[Tensor, Tensor]:
         """Negative log-likelihood of the query labels over the batch's tasks (episodic training)."""
-        with self.bn.while_training(self.backbone):
-            logits = self._episode_logits(batch)
-        loss = F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
-        return loss, accuracy(logits, batch.query_y).mean()
+        return self.episodic_loss(batch)
 
     def fit(self, support_x: Tensor, support_y: Tensor, bn: BNPolicy, stats: Stats | None) -> MatchingClassifier:
         """The (FCE-processed) support embeddings and one-hot labels, wrapped as a classifier."""
@@ -158,7 +146,7 @@ class MatchingNet(Learner):
         if not self.bn.batch_independent:
             return super().evaluate_batch(batch)
         with self.bn.while_predicting(self.backbone):
-            logits = self._episode_logits(batch)
+            logits = self.episode_logits(batch)
         return accuracy(logits, batch.query_y)
 
     def extra_repr(self) -> str:

@@ -49,12 +49,11 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.episodes import EpisodeBatch
 from ..errors import MetafewError
-from .base import Classifier, Learner, accuracy, full_precision, infer_n_way
+from .base import Classifier, Learner, accuracy, infer_n_way
 from .bn import BNPolicy, Frozen, Stats
 from .matchingnet import one_hot
 from .registry import register_learner
@@ -189,11 +188,6 @@ class _LinearHeadLearner(Learner):
     def __init__(self, backbone: nn.Module, *, amp: str | None = None) -> None:
         super().__init__(backbone, amp=amp)
 
-    def embed(self, x: Tensor) -> Tensor:
-        """Backbone features of ``[M, C, H, W]`` images (float32 under autocast)."""
-        with self.autocast(x.device):
-            return full_precision(self.backbone(x))
-
     def head(self, support: Tensor, onehot: Tensor) -> Tensor:
         """The classifier ``W`` ``[..., N, D]`` fitted to support features ``[..., S, D]`` (each learner's method)."""
         raise NotImplementedError
@@ -202,22 +196,14 @@ class _LinearHeadLearner(Learner):
         """Logits ``[..., M, N]`` of query features ``[..., M, D]`` under the head ``W`` ``[..., N, D]``."""
         raise NotImplementedError
 
-    def _episode_logits(self, batch: EpisodeBatch) -> Tensor:
+    def episode_logits(self, batch: EpisodeBatch) -> Tensor:
         """Query logits ``[B, M, N]`` of every task, embedding all images of the batch in one call."""
-        b, s = batch.support_x.shape[:2]
-        n_way = batch.classes.shape[-1]
-        images = torch.cat([batch.support_x.flatten(0, 1), batch.query_x.flatten(0, 1)])
-        features = self.embed(images)
-        support = features[: b * s].unflatten(0, (b, s))
-        query = features[b * s :].unflatten(0, (b, -1))
+        support, query, n_way = self.episode_features(batch)
         return self.logits(query, self.head(support, one_hot(batch.support_y, n_way, support.dtype)))
 
     def meta_loss(self, batch: EpisodeBatch) -> tuple[Tensor, Tensor]:
         """Cross-entropy of the queries over the batch's tasks, through the head's solution."""
-        with self.bn.while_training(self.backbone):
-            logits = self._episode_logits(batch)
-        loss = F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
-        return loss, accuracy(logits, batch.query_y).mean()
+        return self.episodic_loss(batch)
 
     def fit(self, support_x: Tensor, support_y: Tensor, bn: BNPolicy, stats: Stats | None) -> LinearHeadClassifier:
         """The head fitted to the support features, wrapped as a classifier."""
@@ -232,7 +218,7 @@ class _LinearHeadLearner(Learner):
         if not self.bn.batch_independent:
             return super().evaluate_batch(batch)
         with self.bn.while_predicting(self.backbone):
-            logits = self._episode_logits(batch)
+            logits = self.episode_logits(batch)
         return accuracy(logits, batch.query_y)
 
 

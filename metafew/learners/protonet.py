@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..data.episodes import EpisodeBatch
 from ..errors import MetafewError
-from .base import Classifier, Learner, accuracy, class_means, full_precision, infer_n_way, squared_distances
+from .base import Classifier, Learner, accuracy, class_means, infer_n_way, squared_distances
 from .bn import BNPolicy, Frozen, Stats
 from .registry import register_learner
 
@@ -62,11 +62,6 @@ class ProtoNet(Learner):
             self.register_buffer("scale", torch.tensor(float(scale)), persistent=False)
 
     # -- the method ----------------------------------------------------------------
-    def embed(self, x: Tensor) -> Tensor:
-        """Backbone features of ``[M, C, H, W]`` images (float32 under autocast)."""
-        with self.autocast(x.device):
-            return full_precision(self.backbone(x))
-
     def logits(self, query_features: Tensor, prototypes: Tensor) -> Tensor:
         """Logits ``[..., M, N]`` of query features ``[..., M, D]`` against prototypes ``[..., N, D]``."""
         if self.distance == "euclidean":
@@ -75,22 +70,14 @@ class ProtoNet(Learner):
         c = F.normalize(prototypes, dim=-1)
         return self.scale * (q @ c.transpose(-1, -2))
 
-    def _episode_logits(self, batch: EpisodeBatch) -> Tensor:
+    def episode_logits(self, batch: EpisodeBatch) -> Tensor:
         """Query logits ``[B, M, N]`` of every task, embedding all images of the batch in one call."""
-        b, s = batch.support_x.shape[:2]
-        n_way = batch.classes.shape[-1]
-        images = torch.cat([batch.support_x.flatten(0, 1), batch.query_x.flatten(0, 1)])
-        features = self.embed(images)
-        support = features[: b * s].unflatten(0, (b, s))
-        query = features[b * s :].unflatten(0, (b, -1))
+        support, query, n_way = self.episode_features(batch)
         return self.logits(query, class_means(support, batch.support_y, n_way))
 
     def meta_loss(self, batch: EpisodeBatch) -> tuple[Tensor, Tensor]:
         """Cross-entropy of the queries over the batch's tasks (episodic training, Snell et al.)."""
-        with self.bn.while_training(self.backbone):
-            logits = self._episode_logits(batch)
-        loss = F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
-        return loss, accuracy(logits, batch.query_y).mean()
+        return self.episodic_loss(batch)
 
     def fit(self, support_x: Tensor, support_y: Tensor, bn: BNPolicy, stats: Stats | None) -> ProtoClassifier:
         """Prototypes of the support set, wrapped as a classifier."""
@@ -105,7 +92,7 @@ class ProtoNet(Learner):
         if not self.bn.batch_independent:
             return super().evaluate_batch(batch)
         with self.bn.while_predicting(self.backbone):
-            logits = self._episode_logits(batch)
+            logits = self.episode_logits(batch)
         return accuracy(logits, batch.query_y)
 
 
