@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -648,6 +649,81 @@ def load_run(
         check_state_dict(learner, weights, str(path))
         learner.load_state_dict(weights)
     return config, learner, record
+
+
+def is_run_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a checkpoint of a trained run (``best``/``last.safetensors`` of train or bench)."""
+    from .checkpoint import read_header
+
+    _, doc = read_header(path)
+    return doc.get("kind") == "state" and bool((doc.get("record") or {}).get("config"))
+
+
+def run_backbone(
+    path: str | os.PathLike[str],
+    *,
+    device: str | torch.device = "cpu",
+    data_root: str | os.PathLike[str] | None = None,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The trained backbone of a run checkpoint (in eval mode) and what :func:`~metafew.checkpoint.save_backbone` records.
+
+    The second item holds ``mean``, ``std``, ``dataset``, ``classes`` and ``extra``: the
+    normalisation of a run is that of its training dataset (read from the record when it
+    holds one, else from ``load_dataset(config.dataset, config.train_subset)``'s spec).
+
+    >>> import tempfile
+    >>> run = tempfile.mkdtemp()
+    >>> _ = train_run(RunConfig(train_way=5, steps=2, val_episodes=0), run, device="cpu", progress=False)
+    >>> backbone, info = run_backbone(f"{run}/last.safetensors")
+    >>> type(backbone).__name__, info["dataset"], len(info["mean"])
+    ('Conv4', 'omniglot/vinyals-train', 1)
+    """
+    config, learner, record = load_run(Path(path), device=device)
+    if not record.get("config"):
+        raise CheckpointError(f"{path} is not a run checkpoint (it records no run configuration)")
+    mean, std, dataset, classes = record.get("mean"), record.get("std"), record.get("dataset"), None
+    if mean is None or std is None:
+        from .data import load_dataset
+
+        train_ds = load_dataset(config.dataset, config.train_subset, root=data_root)
+        mean, std, dataset, classes = train_ds.mean, train_ds.std, train_ds.name, list(train_ds.classes)
+    extra = {
+        "run": {"checkpoint": str(Path(path).expanduser()), "learner": config.learner, "step": record.get("step")},
+        "config": config.to_dict(),
+    }
+    info = {"mean": tuple(mean), "std": tuple(std), "dataset": dataset, "classes": classes, "extra": extra}
+    return learner.backbone.eval(), info
+
+
+def export_backbone(
+    checkpoint: str | Path, out: str | Path, *, data_root: str | Path | None = None, overwrite: bool = False
+) -> Path:
+    """Write the backbone of a run checkpoint as a plain backbone file (:func:`metafew.checkpoint.save_backbone`).
+
+    ``out`` is checked before anything is read: an existing metafew backbone is
+    replaced only with ``overwrite=True``, anything else never. Returns the file written.
+    """
+    from .checkpoint import checkpoint_path, save_backbone
+    from .outputs import guard_output
+
+    if Path(out).expanduser().is_dir():  # before a suffix is added: a folder is never a backbone file
+        guard_output(out, "backbone", overwrite=overwrite)
+    path = guard_output(checkpoint_path(out), "backbone", overwrite=overwrite)
+    if not is_run_checkpoint(checkpoint):
+        raise CheckpointError(
+            f"{checkpoint} is not a run checkpoint (best/last.safetensors of metafew train or bench); "
+            "a backbone file needs no export"
+        )
+    backbone, info = run_backbone(checkpoint, data_root=data_root)
+    return save_backbone(
+        backbone,
+        path,
+        mean=info["mean"],
+        std=info["std"],
+        dataset=info["dataset"],
+        classes=info["classes"],
+        extra=info["extra"],
+    )
 
 
 def _loadable(dataset: Any) -> str:

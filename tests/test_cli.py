@@ -12,7 +12,7 @@ import pytest
 from metafew.bench import ROW_KEYS
 from metafew.cli.main import COMMANDS, main
 
-COMMAND_NAMES = ["data", "pretrain", "train", "eval", "bench", "adapt", "predict"]
+COMMAND_NAMES = ["data", "pretrain", "train", "eval", "bench", "export-backbone", "adapt", "predict"]
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -42,7 +42,9 @@ def test_help(command, capsys):
     out = capsys.readouterr().out
     assert "usage: metafew" in out
     if command:
-        honoured = {"data": {"--data-root"}, "predict": {"--device"}}.get(command, set(COMMON_FLAGS))
+        honoured = {"data": {"--data-root"}, "export-backbone": {"--data-root"}, "predict": {"--device"}}.get(
+            command, set(COMMON_FLAGS)
+        )
         shown = {flag for flag in COMMON_FLAGS if flag in out}
         assert shown == honoured, f"{command} shows {sorted(shown)}, honours {sorted(honoured)}"
         if command != "data":

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import errno
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 from cli_helpers import TRAIN, assert_one_line_error, run_cli
 
+from metafew.data import ImageFolder, dataset_info, load_dataset
+from metafew.data.download import check_md5_cached
+from metafew.errors import DatasetError
 from metafew.outputs import OutputError, guard_output, write_error
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
@@ -75,3 +83,98 @@ def test_interrupted_says_where_the_checkpoint_is(capsys, tmp_path, monkeypatch)
 def test_data_info_on_an_empty_folder_fails(capsys, tmp_path):
     code, _, err = run_cli(capsys, "data", "info", f"folder:{tmp_path}")
     assert_one_line_error(code, err, "no images")
+
+
+# -- corrupt or oversized dataset files: one line naming the file ---------------------------
+
+MEDMNIST = Path(os.environ.get("METAFEW_DATA") or REPO.parent / "shared" / "data") / "medmnist"
+OMNIGLOT = MEDMNIST.parent / "omniglot"
+
+
+def _medmnist_copy(tmp_path: Path, keep: int | None = None) -> Path:
+    """``tmp_path/medmnist/breastmnist.npz``: a writable copy of the real file, or of its first ``keep`` bytes."""
+    dest = tmp_path / "medmnist" / "breastmnist.npz"
+    dest.parent.mkdir(parents=True)
+    data = (MEDMNIST / "breastmnist.npz").read_bytes()
+    dest.write_bytes(data if keep is None else data[:keep])
+    return dest
+
+
+def test_data_info_on_a_truncated_npz_is_one_line(capsys, tmp_path):
+    npz = _medmnist_copy(tmp_path, keep=200_000)
+    code, _, err = run_cli(capsys, "data", "info", "breastmnist", "--data-root", tmp_path)
+    assert_one_line_error(code, err, str(npz), "corrupt", "metafew data download breastmnist")
+    with pytest.raises(DatasetError, match="corrupt"):
+        dataset_info("breastmnist", tmp_path)
+
+
+def test_a_byte_flip_under_a_cached_md5_verdict_is_one_line_and_forgets_the_verdict(capsys, tmp_path):
+    from metafew.data.medmnist import MEDMNIST_INFO
+
+    npz = _medmnist_copy(tmp_path)
+    md5 = MEDMNIST_INFO["breastmnist"].md5
+    check_md5_cached(npz, md5)  # a passing verdict, cached by path, size and mtime
+    st = npz.stat()
+    with open(npz, "r+b") as f:  # flip one byte inside train_images' deflated data
+        f.seek(200_000)
+        b = f.read(1)
+        f.seek(200_000)
+        f.write(bytes([b[0] ^ 0xFF]))
+    os.utime(npz, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert npz.stat().st_size == st.st_size and npz.stat().st_mtime_ns == st.st_mtime_ns
+    check_md5_cached(npz, md5)  # the stale verdict still vouches for it
+    ds = load_dataset("breastmnist", "train", root=tmp_path)
+    with pytest.raises(DatasetError) as info:
+        ds.images  # noqa: B018
+    msg = str(info.value)
+    assert str(npz) in msg and "corrupt" in msg and "metafew data download breastmnist" in msg and "\n" not in msg
+    with pytest.raises(DatasetError, match="checksum mismatch"):  # the verdict was forgotten: hashed again
+        check_md5_cached(npz, md5)
+    code, _, err = run_cli(capsys, "data", "download", "breastmnist", "--subset", "train", "--data-root", tmp_path)
+    assert_one_line_error(code, err, str(npz), "corrupt")
+
+
+def _omniglot_copy(tmp_path: Path) -> Path:
+    """A tiny Omniglot tree (one character per set) under ``tmp_path/omniglot``, one PNG overwritten by garbage."""
+    for s, alphabet in (
+        ("images_background", "Blackfoot_(Canadian_Aboriginal_Syllabics)"),
+        ("images_evaluation", "Angelic"),
+    ):
+        shutil.copytree(OMNIGLOT / s / alphabet / "character01", tmp_path / "omniglot" / s / alphabet / "character01")
+    bad = sorted((tmp_path / "omniglot" / "images_background").rglob("*.png"))[3]
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 50)
+    return bad
+
+
+def test_a_corrupt_omniglot_png_is_one_line_naming_it(capsys, tmp_path):
+    bad = _omniglot_copy(tmp_path)
+    ds = load_dataset("omniglot-lake", "background", root=tmp_path)
+    with pytest.raises(DatasetError) as info:
+        ds.images  # noqa: B018
+    msg = str(info.value)
+    assert str(bad) in msg and "could not be decoded" in msg and "\n" not in msg
+    code, _, err = run_cli(
+        capsys, "data", "download", "omniglot-lake", "--subset", "background", "--data-root", tmp_path
+    )
+    assert_one_line_error(code, err, str(bad), "could not be decoded")
+
+
+def test_an_oversized_image_says_it_is_too_large_and_how_to_allow_it(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from metafew.data.decode import PIXEL_LIMIT_ENV, apply_pixel_limit
+
+    for cls, side in (("a", 100), ("b", 20)):
+        (tmp_path / cls).mkdir()
+        Image.new("L", (side, side), 128).save(tmp_path / cls / "x.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # refused above 2,000 pixels: 100x100 is a "bomb"
+    for options in ({}, {"image_size": 8, "channels": 1}):  # found by the header probe, or by the decode
+        with pytest.raises(DatasetError) as info:
+            ImageFolder(tmp_path, **options)
+        msg = str(info.value)
+        assert str(tmp_path / "a" / "x.png") in msg and "too large" in msg and "10,000 pixels" in msg, msg
+        assert f"{PIXEL_LIMIT_ENV}=10000" in msg and "not a readable image" not in msg and "\n" not in msg
+    monkeypatch.setenv(PIXEL_LIMIT_ENV, "10000")
+    apply_pixel_limit()
+    assert Image.MAX_IMAGE_PIXELS == 10000
+    assert len(ImageFolder(tmp_path)) == 2 and len(ImageFolder(tmp_path, image_size=8, channels=1)) == 2

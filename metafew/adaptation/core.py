@@ -175,7 +175,7 @@ def adapt(
     if query_bn not in ("support", "batch"):
         raise ConfigError(f"query_bn must be 'support' or 'batch', got {query_bn!r}")
     dev = resolve_device(device)
-    module, prep, backbone_info = resolve_backbone(backbone, mean=mean, std=std, device=dev)
+    module, prep, backbone_info = resolve_backbone(backbone, mean=mean, std=std, device=dev, data_root=data_root)
     ds = resolve_data(data, prep, skip_bad=skip_bad, root=data_root)
     if len(ds) == 0:
         raise DatasetError(f"{ds.name}: no images")

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..backbones.registry import describe
 from ..checkpoint import load_backbone
+from ..config import is_run_checkpoint, run_backbone
 from ..data import FewShotDataset, ImageFolder, available_datasets, load_dataset
 from ..errors import ConfigError, DatasetError, DatasetNotFoundError
 from .preprocess import Preprocessing
@@ -31,8 +32,27 @@ def resolve_backbone(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     device: torch.device,
+    data_root: str | os.PathLike[str] | None = None,
 ) -> tuple[nn.Module, Preprocessing, dict[str, Any]]:
-    """(module on ``device`` in eval mode, its preprocessing, a JSON description to save)."""
+    """(module on ``device`` in eval mode, its preprocessing, a JSON description to save).
+
+    ``backbone`` is a backbone file (``metafew pretrain``, ``metafew export-backbone``, a
+    shipped name), a trained run's checkpoint (``best``/``last.safetensors`` of ``metafew
+    train`` or ``bench``: its learner's backbone, normalised as its training dataset,
+    found under ``data_root``) or a module.
+    """
+    if isinstance(backbone, (str, os.PathLike)) and is_run_checkpoint(backbone):
+        module, run = run_backbone(backbone, device=device, data_root=data_root)
+        arch, channels, size = describe(module, "adapt")
+        prep = Preprocessing(channels, size, _floats(mean, run["mean"]), _floats(std, run["std"]))
+        info = {
+            "arch": arch,
+            "options": dict(getattr(module, "options", None) or {}),
+            "checkpoint": str(Path(backbone).expanduser()),
+            "pretrained_on": run["dataset"],
+            "pretrained_classes": len(run["classes"]) if run["classes"] else None,
+        }
+        return module.to(device).eval(), prep, info
     if isinstance(backbone, (str, os.PathLike)):
         module, rec = load_backbone(backbone, device=device)
         prep = Preprocessing(rec.in_channels, tuple(rec.image_size), tuple(rec.mean), tuple(rec.std))  # type: ignore[arg-type]

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.base import FewShotDataset
-from ..data.decode import DECODE_ERRORS, convert_image, load_image
+from ..data.decode import DECODE_ERRORS, convert_image, decode_error_reason, load_image
 from ..data.decode import is_image_file as _is_image_name
 from ..data.normalize import Normalize
 from ..errors import DatasetError
@@ -160,7 +160,7 @@ def decode_image(source: Any, prep: Preprocessing) -> torch.Tensor:
     except UnidentifiedImageError as e:
         raise DatasetError(f"{name}: not an image file (or an unsupported format)") from e
     except DECODE_ERRORS as e:
-        raise DatasetError(f"{name}: cannot decode this image ({type(e).__name__}: {e})") from e
+        raise DatasetError(f"{name}: cannot decode this image ({decode_error_reason(e)})") from e
     return torch.from_numpy(np.array(arr, dtype=np.uint8, copy=True))
 
 

@@ -56,7 +56,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--data", required=True, metavar="DIR|NAME", help="image folder root/<class>/<image>, or a dataset name"
     )
     p.add_argument(
-        "--backbone", required=True, metavar="CKPT", help="pretrained backbone checkpoint (metafew pretrain)"
+        "--backbone",
+        required=True,
+        metavar="CKPT",
+        help="pretrained backbone checkpoint (metafew pretrain, metafew export-backbone, a shipped name) "
+        "or a trained run's best/last.safetensors (metafew train, bench): its backbone",
     )
     from ..adaptation import methods
 

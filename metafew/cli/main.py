@@ -18,11 +18,11 @@ from typing import NoReturn
 
 from ..errors import MetafewError
 from ..registry import did_you_mean
-from . import adapt, bench, data, evaluate, predict, pretrain, train
+from . import adapt, bench, data, evaluate, export_backbone, predict, pretrain, train
 from .common import HelpFormatter
 
 # The subcommands, in help order. A new command: a module with add_parser/run, listed here.
-COMMANDS: list[ModuleType] = [data, pretrain, train, evaluate, bench, adapt, predict]
+COMMANDS: list[ModuleType] = [data, pretrain, train, evaluate, bench, export_backbone, adapt, predict]
 
 EPILOG = """\
 examples:

@@ -26,6 +26,7 @@ from .registry import (
     load_dataset,
     register_dataset,
 )
+from .torch_dataset import from_torch_dataset
 
 import_submodules(__name__, __path__)  # a new dataset is one file in this folder: it registers its own spec
 
@@ -47,6 +48,7 @@ __all__ = [
     "dataset_info",
     "download_and_extract",
     "download_dataset",
+    "from_torch_dataset",
     "lake_runs",
     "load_dataset",
     "register_dataset",

@@ -131,6 +131,30 @@ class FewShotDataset(torch.utils.data.Dataset):
             std=self.std,
         )
 
+    @classmethod
+    def from_torch(
+        cls,
+        dataset: torch.utils.data.Dataset,
+        *,
+        name: str | None = None,
+        image_size: int | tuple[int, int] | None = None,
+        channels: int | None = None,
+        cache: bool = True,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> FewShotDataset:
+        """A map-style torch dataset of ``(image, label)`` (torchvision's ``ImageFolder``, ``CIFAR100``, your own).
+
+        Read once: labels from ``dataset.targets`` when present, images decoded to uint8
+        ``[C, H, W]`` of one size and cached under ``name`` (no cache without a name).
+        See :func:`metafew.data.torch_dataset.from_torch_dataset`.
+        """
+        from .torch_dataset import from_torch_dataset
+
+        return from_torch_dataset(
+            dataset, name=name, image_size=image_size, channels=channels, cache=cache, mean=mean, std=std
+        )
+
     # -- torch Dataset protocol (interop with DataLoader, learn2learn, ...) ------
     def __len__(self) -> int:
         return len(self.labels)

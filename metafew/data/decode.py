@@ -12,6 +12,10 @@ Policy of :func:`load_image` / :func:`convert_image`:
   composited onto white; 16-bit and 32-bit gray is scaled to 8 bits.
 * size: scaled so the image covers the target (bicubic, antialiased), then
   center-cropped, so the aspect ratio is never distorted.
+* very large images: a file above PIL's decompression-bomb limit (``2 *
+  PIL.Image.MAX_IMAGE_PIXELS`` pixels) is refused with :class:`ImageTooLarge`, whose
+  message gives its pixel count; ``$METAFEW_MAX_IMAGE_PIXELS`` (read at import, ``0``:
+  no limit) sets ``PIL.Image.MAX_IMAGE_PIXELS`` to allow such files.
 
 The cached decoded arrays depend on exactly this code: a change to what it produces
 must bump the ``_VERSION`` of the datasets that cache its output.
@@ -23,6 +27,7 @@ import functools
 import io
 import multiprocessing as mp
 import os
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from typing import IO, TypeVar
@@ -35,15 +40,21 @@ from ..progress import progress
 __all__ = [
     "DECODE_ERRORS",
     "IMAGE_EXTENSIONS",
+    "PIXEL_LIMIT_ENV",
+    "ImageTooLarge",
+    "apply_pixel_limit",
     "convert_image",
     "cover_crop",
     "decode_drawing",
+    "decode_error_reason",
     "decode_files",
     "decode_workers",
     "image_channels",
     "is_image_file",
     "load_image",
+    "open_image",
     "parallel_chunks",
+    "pixel_limit_tag",
     "probe_files",
     "probe_image",
     "to_array",
@@ -60,6 +71,60 @@ DECODE_ERRORS: tuple[type[BaseException], ...] = (
     SyntaxError,
     Image.DecompressionBombError,
 )
+
+PIXEL_LIMIT_ENV = "METAFEW_MAX_IMAGE_PIXELS"
+_PIL_DEFAULT_LIMIT = 1024 * 1024 * 1024 // 4 // 3  # PIL's own MAX_IMAGE_PIXELS
+
+
+class ImageTooLarge(Image.DecompressionBombError):
+    """A valid image above PIL's decompression-bomb limit; the message gives its size and how to allow it."""
+
+    def __init__(self, pixels: int, limit: int) -> None:
+        self.pixels, self.limit = pixels, limit
+        super().__init__(
+            f"too large to decode safely ({pixels:,} pixels, above PIL's decompression-bomb limit of "
+            f"{limit:,}); if you trust the file, set {PIXEL_LIMIT_ENV}={pixels} (or 0 for no limit) to allow it"
+        )
+
+    def __reduce__(self) -> tuple[type[ImageTooLarge], tuple[int, int]]:
+        return type(self), (self.pixels, self.limit)
+
+
+def apply_pixel_limit() -> None:
+    """Set ``PIL.Image.MAX_IMAGE_PIXELS`` from ``$METAFEW_MAX_IMAGE_PIXELS`` (a count; 0 = no limit), when set."""
+    env = os.environ.get(PIXEL_LIMIT_ENV, "").strip().replace("_", "").replace(",", "")
+    if env.isdigit():
+        Image.MAX_IMAGE_PIXELS = int(env) or None
+
+
+apply_pixel_limit()
+
+
+def pixel_limit_tag() -> tuple[int | None, ...]:
+    """``()`` under PIL's default pixel limit, else ``(limit,)``: a cache-key part for what is refused as too large."""
+    limit = Image.MAX_IMAGE_PIXELS
+    return () if limit == _PIL_DEFAULT_LIMIT else (limit,)
+
+
+def open_image(source: str | os.PathLike[str] | IO[bytes]) -> Image.Image:
+    """``PIL.Image.open``, but a decompression bomb is an :class:`ImageTooLarge` giving its pixel count."""
+    try:
+        return Image.open(source)
+    except ImageTooLarge:
+        raise
+    except Image.DecompressionBombError as e:
+        m = re.search(r"\((\d+) pixels\) exceeds limit of (\d+)", str(e))
+        if m is None:
+            raise
+        raise ImageTooLarge(int(m.group(1)), int(m.group(2))) from None
+
+
+def decode_error_reason(e: BaseException) -> str:
+    """A one-line reason for a decode failure: :class:`ImageTooLarge`'s own message, else ``Type: message``."""
+    if isinstance(e, ImageTooLarge):
+        return str(e)
+    return f"{type(e).__name__}: {e}"
+
 
 _GRAY_MODES = {"1", "L", "LA", "La", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
 
@@ -145,7 +210,7 @@ def load_image(
     still covers the target (``draft``), which makes large photos much faster. The
     first frame of a GIF (page of a TIFF) is used.
     """
-    with Image.open(path) as img:
+    with open_image(path) as img:
         if size is not None and img.format == "JPEG":
             img.draft("L" if channels == 1 else "RGB", (size[1], size[0]))
         img.seek(0)  # first frame of a GIF / page of a TIFF
@@ -161,7 +226,7 @@ def decode_drawing(source: str | os.PathLike[str] | IO[bytes] | bytes, size: int
     """
     if isinstance(source, (bytes, bytearray)):
         source = io.BytesIO(source)
-    with Image.open(source) as im:
+    with open_image(source) as im:
         g = im.convert("L")
     if g.size != (size, size):
         g = g.resize((size, size), Image.Resampling.LANCZOS)
@@ -171,18 +236,22 @@ def decode_drawing(source: str | os.PathLike[str] | IO[bytes] | bytes, size: int
 def probe_image(path: str | os.PathLike[str]) -> tuple[int, int, int] | None:
     """``(channels, width, height)`` of an image file from its header, or None when it is unreadable.
 
+    Raises :class:`ImageTooLarge` for a valid image above PIL's decompression-bomb limit.
+
     Much cheaper than decoding: only the header is read, plus (for PNG) a walk over the
     chunk checksums that catches truncated files. A file that passes here but fails to
     decode is still caught by the decode.
     """
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             row = (image_channels(img), img.width, img.height)
             try:
                 img.verify()  # PNG: walks the chunks and checks CRCs (catches truncation) without decoding
             except RuntimeError:  # "verify must be called directly after open": a palette was read
                 with Image.open(path) as again:
                     again.verify()
+    except ImageTooLarge:
+        raise
     except DECODE_ERRORS:
         return None
     return row
@@ -250,7 +319,7 @@ def _decode_chunk(
         try:
             good.append(load_image(p, size, channels))
         except DECODE_ERRORS as e:
-            bad.append((i, f"{type(e).__name__}: {e}"))
+            bad.append((i, decode_error_reason(e)))
     arr = np.stack(good) if good else np.zeros((0, channels, *size), dtype=np.uint8)
     return arr, bad
 
@@ -270,17 +339,22 @@ def decode_files(
 
 
 def _probe_chunk(paths: Sequence[str]) -> np.ndarray:
-    """Worker: ``[n, 3]`` int32 of (channels, width, height) from headers; channels 0 = unreadable."""
-    out = np.zeros((len(paths), 3), dtype=np.int32)
+    """Worker: ``[n, 3]`` int64 of (channels, width, height) from headers; channels 0 = unreadable,
+    -1 = too large (then ``(-1, pixels, limit)``)."""
+    out = np.zeros((len(paths), 3), dtype=np.int64)
     for i, p in enumerate(paths):
-        row = probe_image(p)
+        try:
+            row = probe_image(p)
+        except ImageTooLarge as e:
+            row = (-1, e.pixels, e.limit)
         if row is not None:
             out[i] = row
     return out
 
 
 def probe_files(paths: Sequence[str], desc: str = "reading image headers") -> np.ndarray:
-    """:func:`probe_image` of many files over all cores: int32 ``[n, 3]`` (channels, width, height); 0s if unreadable."""
+    """:func:`probe_image` of many files over all cores: int64 ``[n, 3]`` (channels, width, height);
+    0s if unreadable; ``(-1, pixels, limit)`` if above the decompression-bomb limit (:class:`ImageTooLarge`)."""
     if not paths:
-        return np.zeros((0, 3), dtype=np.int32)
+        return np.zeros((0, 3), dtype=np.int64)
     return np.concatenate(parallel_chunks(_probe_chunk, paths, chunk_size=1024, desc=desc))

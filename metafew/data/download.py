@@ -31,6 +31,7 @@ __all__ = [
     "download_and_extract",
     "download_file",
     "extract_archive",
+    "forget_md5",
     "md5sum",
 ]
 
@@ -72,7 +73,7 @@ def check_md5_cached(path: str | os.PathLike[str], expected: str) -> None:
     p = Path(path).resolve()
     st = p.stat()
     stamp = {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "md5": expected.lower()}
-    marker = cache_dir() / "checksums" / (hashlib.sha1(str(p).encode()).hexdigest()[:16] + ".json")
+    marker = _md5_marker(p)
     try:
         if json.loads(marker.read_text()) == stamp:
             return
@@ -87,6 +88,22 @@ def check_md5_cached(path: str | os.PathLike[str], expected: str) -> None:
         os.replace(tmp, marker)
     except OSError:
         pass  # a read-only cache only costs hashing again next time
+
+
+def _md5_marker(resolved: Path) -> Path:
+    return cache_dir() / "checksums" / (hashlib.sha1(str(resolved).encode()).hexdigest()[:16] + ".json")
+
+
+def forget_md5(path: str | os.PathLike[str]) -> None:
+    """Drop the cached passing md5 verdict of ``path`` (:func:`check_md5_cached`), so the next check hashes it.
+
+    For a file found corrupt when read although its size and mtime still match the verdict
+    (a flipped byte); never raises.
+    """
+    try:
+        _md5_marker(Path(path).resolve()).unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def download_file(url: str, dest: str | os.PathLike[str], md5: str | None = None, *, timeout: float = 60.0) -> Path:

@@ -118,7 +118,10 @@ class EpisodeSampler:
     """Draw N-way K-shot episodes with Q queries per class from a :class:`FewShotDataset`.
 
     Args:
-        dataset: the split to sample from (its classes are the episode classes).
+        dataset: the split to sample from (its classes are the episode classes): a
+            :class:`FewShotDataset`, or any map-style torch ``Dataset`` of ``(image, label)``
+            (torchvision's ``ImageFolder``, ``CIFAR100``, your own), read once by
+            :meth:`FewShotDataset.from_torch` (call it yourself with a ``name`` to cache the images).
         n_way, k_shot, n_query: classes per episode, support and query images per class.
         seed: seeds the training stream (:meth:`sample`, :meth:`sample_batch`) and,
             separately, the fixed evaluation set (:meth:`fixed`).
@@ -133,7 +136,7 @@ class EpisodeSampler:
 
     def __init__(
         self,
-        dataset: FewShotDataset,
+        dataset: FewShotDataset | torch.utils.data.Dataset,
         n_way: int,
         k_shot: int,
         n_query: int = 15,
@@ -147,6 +150,12 @@ class EpisodeSampler:
         for label, v in (("n_way", n_way), ("k_shot", k_shot), ("n_query", n_query)):
             if not isinstance(v, int) or v < (0 if label == "n_query" else 1):
                 raise EpisodeError(f"{label} must be a positive integer, got {v!r}")
+        if not isinstance(dataset, FewShotDataset):
+            if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+                raise EpisodeError(
+                    f"EpisodeSampler needs a FewShotDataset or a map-style torch Dataset, got {type(dataset).__name__}"
+                )
+            dataset = FewShotDataset.from_torch(dataset)  # read once; pass a converted one to cache it
         self.dataset = dataset
         self.n_way, self.k_shot, self.n_query = n_way, k_shot, n_query
         self.seed = seed

@@ -34,12 +34,14 @@ from ..errors import DatasetError, DatasetNotFoundError
 from .base import FewShotDataset, cache_key, cached_array
 from .decode import (
     IMAGE_EXTENSIONS,
+    ImageTooLarge,
     decode_files,
     decode_workers,
     image_channels,
     is_image_file,
     load_image,
     parallel_chunks,
+    pixel_limit_tag,
     probe_files,
 )
 from .normalize import channel_stats
@@ -188,14 +190,18 @@ def ImageFolder(
             stamp.append((os.path.relpath(e.path, root), st.st_size, st.st_mtime_ns))
     slug = f"folder-{_slug(root)}"
     key0 = cache_key(_VERSION, stamp)
+    limit = pixel_limit_tag()  # what is refused as too large depends on PIL's pixel limit
     ok = np.ones(len(paths), dtype=bool)
 
     bad: list[tuple[Path, str]] = []
     if size is None or channels is None:
-        meta = cached_array(f"{slug}-meta", key0, lambda: probe_files(paths))
+        meta = cached_array(f"{slug}-meta", cache_key(key0, "probe-v2", *limit), lambda: probe_files(paths))
         readable = meta[:, 0] > 0
         for i in np.flatnonzero(~readable):
-            bad.append((Path(paths[i]), "is not a readable image (corrupt or unknown format)"))
+            if meta[i, 0] == -1:  # above PIL's decompression-bomb limit: (-1, pixels, limit)
+                bad.append((Path(paths[i]), f"is {ImageTooLarge(int(meta[i, 1]), int(meta[i, 2]))}"))
+            else:
+                bad.append((Path(paths[i]), "is not a readable image (corrupt or unknown format)"))
         ok &= readable
         _handle(bad, on_error)
         if channels is None:
@@ -204,7 +210,7 @@ def ImageFolder(
             sizes = Counter((int(h), int(w)) for w, h in meta[ok, 1:])
             size = next(iter(sizes)) if len(sizes) == 1 else (DEFAULT_SIZE, DEFAULT_SIZE)
     assert size is not None and channels is not None
-    key1 = cache_key(key0, size, channels, np.packbits(ok).tobytes())
+    key1 = cache_key(key0, size, channels, np.packbits(ok).tobytes(), *limit)
     todo = [i for i in range(len(paths)) if ok[i]]
     state: dict[str, object] = {}
 

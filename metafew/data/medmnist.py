@@ -4,17 +4,22 @@ Each dataset is one ``<name>.npz`` (keys ``{train,val,test}_{images,labels}``) w
 official train/val/test split; images are ``N x 28 x 28`` (grayscale) or
 ``N x 28 x 28 x 3``, labels ``N x 1``. URLs, md5s and label names are those of the
 ``medmnist`` package's ``INFO`` (v2, zenodo record 6496656). The md5 is checked once per
-file (the verdict is cached by size and mtime). Mean/std are per dataset, from its train
+file (the verdict is cached by size and mtime); a file that then fails to read (a flipped
+byte keeps both) raises a one-line DatasetError naming it, and its verdict is forgotten. Mean/std are per dataset, from its train
 split. ChestMNIST is multi-label (14 findings per image) and cannot be used for
 single-label few-shot episodes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import tempfile
+import zipfile
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,7 +28,7 @@ import numpy as np
 from ..errors import DatasetError
 from ..paths import cache_dir, data_root
 from .base import FewShotDataset
-from .download import check_md5_cached, dataset_not_found, download_file
+from .download import check_md5_cached, dataset_not_found, download_file, forget_md5
 from .normalize import channel_stats
 from .registry import DatasetSpec, register_dataset
 
@@ -218,6 +223,27 @@ def _info(name: str) -> MedMNISTInfo:
     return MEDMNIST_INFO[key]
 
 
+# What reading a damaged .npz raises (a truncated zip, a flipped byte: bad CRC, bad deflate
+# stream, bad .npy header); a missing or unreadable file (FileNotFoundError,
+# PermissionError) is not corruption and keeps its own error.
+_CORRUPT_ERRORS: tuple[type[BaseException], ...] = (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError)
+
+
+@contextlib.contextmanager
+def _reading(path: Path, name: str) -> Iterator[None]:
+    """Turn a read failure of ``<name>.npz`` into a one-line DatasetError naming the file; forget its md5 verdict."""
+    try:
+        yield
+    except (DatasetError, FileNotFoundError, PermissionError):
+        raise
+    except _CORRUPT_ERRORS as e:
+        forget_md5(path)  # the cached verdict (same size and mtime) no longer vouches for it
+        raise DatasetError(
+            f"{path} is corrupt or incomplete ({type(e).__name__}: {e}); delete it and run "
+            f"`metafew data download {name}` to fetch it again"
+        ) from e
+
+
 def _to_nchw(images: np.ndarray, path: Path) -> np.ndarray:
     if images.dtype != np.uint8:
         raise DatasetError(f"{path}: expected uint8 images, got {images.dtype}")
@@ -237,7 +263,9 @@ def _train_stats(name: str, path: Path, md5: str, channels: int) -> tuple[tuple[
         return tuple(d["mean"]), tuple(d["std"])
     except (OSError, ValueError, KeyError):
         pass
-    with np.load(path) as f:
+    with _reading(path, name), np.load(path) as f:
+        if "train_images" not in f.files:
+            raise DatasetError(f"{path}: missing train_images")
         stats = channel_stats(_to_nchw(f["train_images"], path))
     mean, std = tuple(float(m) for m in stats[0]), tuple(float(s) for s in stats[1])
     try:
@@ -273,7 +301,7 @@ def MedMNIST(
         raise DatasetError(f"unknown MedMNIST split {split!r}; choose one of {', '.join(SPLITS)}")
     path = locate_medmnist(name, root, download)
 
-    with np.load(path) as f:  # an NpzFile reads only the members asked for
+    with _reading(path, name), np.load(path) as f:  # an NpzFile reads only the members asked for
         if f"{split}_labels" not in f.files or f"{split}_images" not in f.files:
             raise DatasetError(f"{path}: missing {split}_images / {split}_labels")
         raw = f[f"{split}_labels"]
@@ -285,7 +313,7 @@ def MedMNIST(
     mean, std = _train_stats(name, path, info.md5, info.channels)
 
     def load() -> np.ndarray:
-        with np.load(path) as f:
+        with _reading(path, name), np.load(path) as f:
             return _to_nchw(f[f"{split}_images"], path)
 
     return FewShotDataset(
@@ -312,7 +340,7 @@ def medmnist_info(name: str, root: str | os.PathLike[str] | None = None) -> dict
     if path is None:
         raise dataset_not_found(f"MedMNIST {name}", looked, name, meta.url(name))
     subsets = {}
-    with np.load(path) as f:
+    with _reading(path, name), np.load(path) as f:
         for s in SPLITS:
             key = f"{s}_labels"
             n = int(f[key].shape[0]) if key in f.files else 0

@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import DatasetError
 from ..paths import data_root
 from .base import FewShotDataset, cache_key, cached_array
-from .decode import decode_drawing, parallel_chunks
+from .decode import DECODE_ERRORS, decode_drawing, decode_error_reason, parallel_chunks
 from .download import dataset_not_found, download_and_extract
 from .registry import DatasetSpec, register_dataset
 
@@ -141,12 +141,17 @@ def _subdirs(path: str) -> list[str]:
         return sorted(e.name for e in it if not e.name.startswith(".") and e.is_dir())
 
 
-def _decode_chunk(paths: list[str], base: str, size: int) -> np.ndarray:
-    """Worker: PNGs (relative to ``base``) to uint8 ``[n, 1, size, size]``."""
-    out = np.empty((len(paths), 1, size, size), dtype=np.uint8)
+def _decode_chunk(paths: list[str], base: str, size: int) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """Worker: PNGs (relative to ``base``) to uint8 ``[n, 1, size, size]``, and ``(position, reason)``
+    of the files that could not be decoded (left as zeros)."""
+    out = np.zeros((len(paths), 1, size, size), dtype=np.uint8)
+    bad: list[tuple[int, str]] = []
     for i, p in enumerate(paths):
-        out[i, 0] = decode_drawing(os.path.join(base, p), size)
-    return out
+        try:
+            out[i, 0] = decode_drawing(os.path.join(base, p), size)
+        except DECODE_ERRORS as e:
+            bad.append((i, decode_error_reason(e)))
+    return out, bad
 
 
 def omniglot_images(
@@ -162,13 +167,22 @@ def _all_images(base: Path, files: tuple[str, ...], image_size: int) -> np.ndarr
     key = cache_key(_VERSION, image_size, files)
 
     def build() -> np.ndarray:
+        chunk = 512
         chunks = parallel_chunks(
             functools.partial(_decode_chunk, base=str(base), size=image_size),
             list(files),
-            chunk_size=512,
+            chunk_size=chunk,
             desc="decoding Omniglot",
         )
-        return np.concatenate(chunks)
+        bad = [(j * chunk + i, reason) for j, (_, errs) in enumerate(chunks) for i, reason in errs]
+        if bad:
+            i, reason = bad[0]
+            more = f" ({len(bad) - 1} more bad file(s))" if len(bad) > 1 else ""
+            raise DatasetError(
+                f"{base / files[i]}: could not be decoded ({reason}){more}; the Omniglot files are corrupt - "
+                "replace them (delete the folder and run `metafew data download omniglot`)"
+            )
+        return np.concatenate([arr for arr, _ in chunks])
 
     return cached_array(f"omniglot-{image_size}", key, build)
 
