@@ -21,14 +21,16 @@ from metafew.bench.runner import write_outputs
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--suite", required=True)
-    p.add_argument("--runs", type=Path, required=True, help="the suite's work folder (<out>/runs/<suite>)")
+    p.add_argument(
+        "--runs", type=Path, nargs="+", required=True, help="the suite's work folder(s) (<out>/runs/<suite>)"
+    )
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--command", help="the command the rows were run with, recorded in the JSON")
     p.add_argument("--commit", help="the code the rows ran on (default: none recorded; this checkout may differ)")
     args = p.parse_args()
     suite = load_suite(args.suite)
     found = {}
-    for cache in args.runs.glob("*/result.json"):
+    for cache in [c for runs in args.runs for c in sorted(runs.glob("*/result.json"))]:
         doc = json.loads(cache.read_text())
         found[doc["row"]["name"]] = doc["row"]
     rows = [found[r.name] for r in suite.rows if r.name in found]
