@@ -91,6 +91,13 @@ class RunConfig:
     train_subset: str = field(default="train", metadata=_opt("subset to train on"))
     val_subset: str | None = field(default="val", metadata=_opt("subset to validate on ('none': no validation)"))
     test_subset: str = field(default="test", metadata=_opt("subset to test on"))
+    skip_bad: bool = field(
+        default=False,
+        metadata=_opt(
+            "leave unreadable image files (folder: datasets) and classes with too few images for an episode "
+            "out, with a warning, instead of stopping"
+        ),
+    )
     test: Literal["episodes", "lake"] = field(
         default="episodes", metadata=_opt("test on sampled episodes or Lake's 20 runs", cli=False)
     )
@@ -202,6 +209,8 @@ class RunConfig:
         number("lr", 0.0, optional=True, strict=True)
         number("gamma", 0.0, strict=True)
         number("grad_clip", 0.0, optional=True, strict=True)
+        if not isinstance(self.skip_bad, bool):
+            raise ConfigError(f"{where}: skip_bad must be true or false, got {self.skip_bad!r}")
         if self.test not in ("episodes", "lake"):
             raise ConfigError(f"{where}: test must be 'episodes' or 'lake', got {self.test!r}")
         if self.schedule not in _SCHEDULES:
@@ -239,6 +248,17 @@ class RunConfig:
             options["amp"] = self.amp
         return options
 
+    def dataset_options(self) -> dict[str, Any]:
+        """The ``load_dataset`` options of this run's dataset: ``on_error="skip"`` with ``skip_bad``, where it takes it."""
+        from .data.registry import dataset_options
+
+        return {"on_error": "skip"} if self.skip_bad and "on_error" in dataset_options(self.dataset) else {}
+
+    @property
+    def too_few(self) -> Literal["error", "skip"]:
+        """What the episode samplers do with a class too small for an episode (``skip`` with ``skip_bad``)."""
+        return "skip" if self.skip_bad else "error"
+
     @property
     def train_setting(self) -> tuple[int, int, int]:
         """(N, K, Q) of training episodes."""
@@ -271,6 +291,8 @@ class RunConfig:
         d = {k: v for k, v in self.to_dict().items() if k not in skip}
         if d.get("amp") is None:
             d.pop("amp")  # keeps the run folders of 0.1.0 (which had no amp field) valid
+        if not d.get("skip_bad"):
+            d.pop("skip_bad", None)  # keeps the run folders written before skip_bad existed valid
         d["train_setting"] = self.train_setting  # n_way/k_shot also set the validation episodes
         return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
@@ -450,7 +472,7 @@ def resolve(config: RunConfig, *, data_root: str | Path | None = None) -> RunCon
     if config.in_channels is None or config.image_size is None:
         from .data import load_dataset
 
-        ds = load_dataset(config.dataset, config.train_subset, root=data_root)
+        ds = load_dataset(config.dataset, config.train_subset, root=data_root, **config.dataset_options())
         d["in_channels"], d["image_size"] = ds.channels, (int(ds.image_size[0]), int(ds.image_size[1]))
     if config.backbone_checkpoint:
         from .checkpoint import read_backbone_record
@@ -531,18 +553,19 @@ def train_run(
 
         guard_run_dir(out_dir, resume=resume, overwrite=overwrite)  # before any work
     dev = resolve_device(device)
-    train_ds = load_dataset(config.dataset, config.train_subset, root=data_root)
+    options = config.dataset_options()
+    train_ds = load_dataset(config.dataset, config.train_subset, root=data_root, **options)
     learner = build(config, device=dev, data_root=data_root)
     if config.steps == 0:
         return learner, None
     way, shot, query = config.train_setting
-    sampler = EpisodeSampler(train_ds, way, shot, query, seed=config.seed, device=dev)
+    sampler = EpisodeSampler(train_ds, way, shot, query, seed=config.seed, device=dev, too_few=config.too_few)
     val = None
     if config.val_subset and config.val_episodes > 0:
-        val_ds = load_dataset(config.dataset, config.val_subset, root=data_root)
-        val = EpisodeSampler(val_ds, config.n_way, config.k_shot, config.n_query, seed=config.seed, device=dev).fixed(
-            config.val_episodes
-        )
+        val_ds = load_dataset(config.dataset, config.val_subset, root=data_root, **options)
+        val = EpisodeSampler(
+            val_ds, config.n_way, config.k_shot, config.n_query, seed=config.seed, device=dev, too_few=config.too_few
+        ).fixed(config.val_episodes)
     # The config that rebuilds this learner; the pretrained backbone's weights live in the checkpoint.
     recorded = {
         **resolve(config, data_root=data_root).to_dict(),
@@ -587,10 +610,10 @@ def test_episodes(
 
     if config.test == "lake":
         return lake_runs(data_root)
-    test_ds = load_dataset(config.dataset, config.test_subset, root=data_root)
-    return EpisodeSampler(test_ds, config.n_way, config.k_shot, config.n_query, seed=config.seed, device=device).fixed(
-        config.eval_episodes
-    )
+    test_ds = load_dataset(config.dataset, config.test_subset, root=data_root, **config.dataset_options())
+    return EpisodeSampler(
+        test_ds, config.n_way, config.k_shot, config.n_query, seed=config.seed, device=device, too_few=config.too_few
+    ).fixed(config.eval_episodes)
 
 
 test_episodes.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
@@ -685,7 +708,7 @@ def run_backbone(
     if mean is None or std is None:
         from .data import load_dataset
 
-        train_ds = load_dataset(config.dataset, config.train_subset, root=data_root)
+        train_ds = load_dataset(config.dataset, config.train_subset, root=data_root, **config.dataset_options())
         mean, std, dataset, classes = train_ds.mean, train_ds.std, train_ds.name, list(train_ds.classes)
     extra = {
         "run": {"checkpoint": str(Path(path).expanduser()), "learner": config.learner, "step": record.get("step")},

@@ -178,3 +178,78 @@ def test_an_oversized_image_says_it_is_too_large_and_how_to_allow_it(tmp_path, m
     apply_pixel_limit()
     assert Image.MAX_IMAGE_PIXELS == 10000
     assert len(ImageFolder(tmp_path)) == 2 and len(ImageFolder(tmp_path, image_size=8, channels=1)) == 2
+
+
+# -- --skip-bad: every command that reads image folders ---------------------------------------
+
+
+def _bad_folder(tmp_path: Path) -> tuple[Path, Path]:
+    """``tmp_path/imgs/{train,test}``: 6 classes of 4 images and one of 1, one corrupt file in each subset."""
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    bad = Path()
+    for subset in ("train", "test"):
+        for c in range(7):
+            d = root / subset / f"c{c}"
+            d.mkdir(parents=True)
+            for i in range(1 if c == 6 else 4):
+                Image.new("RGB", (28, 28), (30 * c, 20 * i, 90)).save(d / f"{i}.png")
+        bad = root / subset / "c0" / "broken.png"
+        bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    return root, bad
+
+
+def test_skip_bad_for_train_eval_and_pretrain(capsys, tmp_path):
+    root, _ = _bad_folder(tmp_path)
+    data = f"folder:{root}"
+    train = [*TRAIN, "--dataset", data, "--k-shot", "1", "--steps", "1", "--val-subset", "none"]
+    code, _, err = run_cli(capsys, *train, "--out", tmp_path / "run")
+    line = assert_one_line_error(code, err, "broken.png", "use --skip-bad")
+    assert "on_error=" not in line
+    with pytest.warns(UserWarning):
+        code, _, err = run_cli(capsys, *train, "--out", tmp_path / "run", "--skip-bad")
+    assert code == 0, err
+    ckpt = tmp_path / "run" / "last.safetensors"
+    assert ckpt.is_file()
+
+    evaluate = ["eval", "--checkpoint", ckpt, "--device", "cpu", "--no-progress", "--episodes", "2"]
+    code, _, err = run_cli(capsys, *evaluate)  # --skip-bad is not inherited from the training run
+    line = assert_one_line_error(code, err, "broken.png", "use --skip-bad")
+    assert "on_error=" not in line
+    with pytest.warns(UserWarning):
+        code, out, err = run_cli(capsys, *evaluate, "--skip-bad")
+    assert code == 0, err
+    assert "accuracy" in out or "%" in out
+
+    pretrain = ["pretrain", "--dataset", data, "--epochs", "1", "--device", "cpu", "--no-progress"]
+    code, _, err = run_cli(capsys, *pretrain, "--out", tmp_path / "b")
+    line = assert_one_line_error(code, err, "broken.png", "use --skip-bad")
+    assert "on_error=" not in line
+    with pytest.warns(UserWarning):
+        code, _, err = run_cli(capsys, *pretrain, "--out", tmp_path / "b", "--skip-bad")
+    assert code == 0, err
+
+
+def test_too_few_images_says_skip_bad(capsys, tmp_path):
+    root, _ = _bad_folder(tmp_path)
+    for subset in ("train", "test"):
+        (root / subset / "c0" / "broken.png").unlink()
+    train = [*TRAIN, "--dataset", f"folder:{root}", "--k-shot", "1", "--steps", "1", "--val-subset", "none"]
+    code, _, err = run_cli(capsys, *train, "--out", tmp_path / "run")
+    line = assert_one_line_error(code, err, "'c6'", "use --skip-bad")
+    assert "too_few=" not in line
+    with pytest.warns(UserWarning, match="left out"):
+        code, _, err = run_cli(capsys, *train, "--out", tmp_path / "run", "--skip-bad")
+    assert code == 0, err
+
+
+def test_skip_bad_keeps_existing_run_hashes():
+    from metafew.config import RunConfig
+
+    # computed before RunConfig had skip_bad: run folders written then still match
+    assert RunConfig().train_key() == "0ab5b876"
+    assert RunConfig(dataset="folder:/tmp/x", learner="maml", steps=5, amp="bf16").train_key() == "324f79cc"
+    assert RunConfig(skip_bad=True).train_key() != "0ab5b876"  # it changes which images train
+    assert RunConfig(dataset="folder:/x", skip_bad=True).dataset_options() == {"on_error": "skip"}
+    assert RunConfig(dataset="breastmnist", skip_bad=True).dataset_options() == {}

@@ -19,6 +19,7 @@ aligned backbone, which is saved with the model.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from ..seeding import derive_seed, generator
 from .align import ALIGN_METHODS, DEFAULT_STEPS, align_backbone, load_source, unlabeled_pool
 from .estimate import (
     AdaptationReport,
+    AdaptationWarning,
     BNStats,
     QueryBN,
     Shots,
@@ -205,6 +207,10 @@ def adapt(
         max_eval=max_eval, batch_size=batch_size, progress=progress, calibrate=calibrate, bn_stats=bn_stats,
     )  # fmt: skip
     report.alignment = alignment
+    mismatch = channel_mismatch(folder_channels(folder) if folder is not None else ds.channels, prep.channels)
+    if mismatch:
+        report.warnings.append(mismatch)
+        warnings.warn(mismatch, AdaptationWarning, stacklevel=2)
     if alignment and alignment.get("note"):
         report.notes.append(alignment["note"])
 
@@ -231,6 +237,43 @@ def adapt(
         report=report,
         support=support_record,
         device=dev,
+    )
+
+
+def folder_channels(folder: Path, limit: int = 1000) -> int | None:
+    """The channels of a folder's images as they are stored: 1 if all are grayscale, else 3 (None: none readable).
+
+    Read from the headers of at most ``limit`` image files (the folder itself is decoded
+    at the backbone's channels, which hides what the files were).
+    """
+    from ..data.decode import image_channels, open_image
+    from .preprocess import list_images
+
+    seen: set[int] = set()
+    for p in list_images(folder)[0][:limit]:
+        try:
+            with open_image(p) as img:
+                seen.add(image_channels(img))
+        except Exception:  # unreadable files are reported by the folder's decode
+            continue
+        if 3 in seen:
+            return 3
+    return 1 if seen else None
+
+
+def channel_mismatch(data_channels: int | None, backbone_channels: int) -> str | None:
+    """A warning when colour images go into a grayscale backbone or grayscale images into a colour one."""
+    data = {1: 1, 2: 1, 3: 3, 4: 3}.get(data_channels or 0)
+    if data is None or data == backbone_channels:
+        return None
+    if data == 3:
+        return (
+            "colour images into a grayscale backbone: they are converted to luminance, so colour is lost; "
+            "a backbone pretrained on colour images may do better"
+        )
+    return (
+        "grayscale images into a colour (RGB) backbone: the channel is repeated three times, so the backbone "
+        "sees images unlike those it was pretrained on; a grayscale backbone may do better"
     )
 
 

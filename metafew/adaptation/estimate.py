@@ -11,7 +11,11 @@ e.g. the official MedMNIST test split). It reports, across draws:
   2.5-97.5th percentile range of single draws (how much one support draw, such as the
   final model's, can vary);
 * macro one-vs-rest AUC: the same;
-* per-class recall and the confusion matrix, both pooled (summed) over draws.
+* per-class recall and the confusion matrix, both pooled (summed) over draws;
+* two baselines that need no backbone (:mod:`.baselines`), scored on the same support
+  draws and held-out images: their accuracies and the paired differences
+  model-minus-baseline over the draws (``report.baselines``), so the report says when
+  the backbone is not helping.
 
 Support sizes per class (``shots=K``): each draw takes ``min(K, n - 1)`` of a class's
 ``n`` images, so at least one is left to score; the final model takes ``min(K, n)``.
@@ -40,6 +44,7 @@ from ..errors import DatasetError
 from ..learners import Classifier, Learner
 from ..learners.bn import BNPolicy
 from ..seeding import derive_seed, generator, seeded
+from .baselines import BASELINES, FUNCTIONS
 from .metrics import Metrics, compute_metrics, mean_ci95, plot_confusion
 from .outputs import REPORT_FORMAT, check_output, write_text
 from .preprocess import Preprocessing
@@ -203,6 +208,10 @@ class AdaptationReport:
     seconds: float = 0.0
     temperature: float | None = None  # fitted on the held-out predictions (None: not fitted)
     alignment: dict[str, Any] | None = None  # the backbone's alignment to unlabeled images (None: not aligned)
+    # name -> {"description", "accuracy", "balanced_accuracy" (Summary dicts), "difference" (model minus
+    # baseline, paired over draws: {metric: {"mean", "ci95"}}), "per_draw"}; None: not scored (older reports)
+    baselines: dict[str, dict[str, Any]] | None = None
+    warnings: list[str] = field(default_factory=list)  # about the data and the backbone (e.g. channel mismatch)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -234,12 +243,15 @@ class AdaptationReport:
                 f"(± is the 95% CI of the mean over draws; each draw scored {self.scored_per_draw:.0f} images; "
                 "with few images, expect a new population to differ by more)"
             )
+        if self.accuracy is not None and self.baselines:
+            lines.extend(baseline_lines(self.baselines))
         if self.temperature is not None:
             lines.append(
                 f"probabilities calibrated on the held-out predictions of the draws (softmax temperature {self.temperature:.3g})"
             )
         if self.alignment:
             lines.append(alignment_line(self.alignment))
+        lines.extend(f"warning: {w}" for w in self.warnings)
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 
@@ -258,6 +270,60 @@ class AdaptationReport:
         from ..paths import atomic_write
 
         return atomic_write(p, lambda tmp: plot_confusion(self.confusion, self.classes, tmp, title, fmt="png"))
+
+
+def baseline_metric(b: dict[str, Any]) -> str:
+    """The metric a baseline is compared on: balanced accuracy when known, else accuracy."""
+    d = b.get("difference") or {}
+    return "balanced_accuracy" if d.get("balanced_accuracy") else "accuracy"
+
+
+def beats(b: dict[str, Any]) -> bool:
+    """Whether the model's paired difference to baseline ``b`` has its 95% CI above 0."""
+    d = (b.get("difference") or {}).get(baseline_metric(b))
+    if not d:
+        return False
+    mean, ci = float(d["mean"]), float(d["ci95"])
+    return not np.isnan(ci) and mean - ci > 0
+
+
+def baseline_lines(baselines: dict[str, dict[str, Any]]) -> list[str]:
+    """Summary lines on the baselines: their score, the model's paired difference, and whether it beats them."""
+    lines = ["baselines without a backbone, on the same draws and held-out images:"]
+    for name, b in baselines.items():
+        metric = baseline_metric(b)
+        label = metric.replace("_", " ")
+        s = b.get(metric)
+        d = (b.get("difference") or {}).get(metric)
+        score = str(Summary(**s)) if s else "n/a"
+        diff = f"model minus baseline {d['mean']:+.3f} ± {d['ci95']:.3f}" if d else "no paired difference"
+        lines.append(f"  {name} ({b.get('description', '')}): {label} {score}; {diff}")
+    for name, b in baselines.items():
+        if not beats(b):
+            lines.append(
+                f"the model does not beat {name} on these images; "
+                "try another backbone, --method finetune, or more shots"
+            )
+    return lines
+
+
+def summarise_baseline(
+    name: str, model_draws: Sequence[dict[str, Any]], draws: Sequence[dict[str, Any]]
+) -> dict[str, Any]:
+    """The report entry of one baseline: its per-draw scores, their summaries and the paired differences."""
+    out: dict[str, Any] = {"description": BASELINES[name], "difference": {}, "per_draw": list(draws)}
+    for metric in ("accuracy", "balanced_accuracy"):
+        s = Summary.of([d[metric] for d in draws])
+        out[metric] = asdict(s) if s is not None else None
+        diffs = [
+            m[metric] - d[metric]
+            for m, d in zip(model_draws, draws)
+            if m[metric] is not None and d[metric] is not None and not np.isnan(m[metric]) and not np.isnan(d[metric])
+        ]
+        if diffs:
+            mean, ci = mean_ci95(diffs)
+            out["difference"][metric] = {"mean": mean, "ci95": ci}
+    return out
 
 
 def alignment_line(a: dict[str, Any]) -> str:
@@ -303,6 +369,7 @@ def estimate(
     warn: bool = True,
     calibrate: bool = True,
     bn_stats: BNStats = "support",
+    baselines: bool = True,
 ) -> AdaptationReport:
     """Score ``draws`` seeded support draws of ``images``/``labels`` (the labelled pool).
 
@@ -319,6 +386,8 @@ def estimate(
             the learner's policy object applies them (:meth:`BNPolicy.deployed`).
         calibrate: fit a softmax temperature to the held-out predictions of all draws
             (``report.temperature``; not with ``test``, which must stay unseen).
+        baselines: also score the pixel baselines of :mod:`.baselines` on every draw
+            (``report.baselines``).
     """
     start = time.perf_counter()
     counts = torch.bincount(labels, minlength=len(classes)).tolist()
@@ -342,6 +411,7 @@ def estimate(
     else:
         draws_run = draws
     bn = deployment_policy(learner, bn_stats, query_bn)
+    base_draws: dict[str, list[dict[str, Any]]] = {name: [] for name in FUNCTIONS} if baselines else {}
     for i in range(draws_run):
         gen = generator(seed, f"draw-{i}")
         support, held = draw_support(labels, draw_k, gen)
@@ -361,6 +431,12 @@ def estimate(
         total_conf += np.asarray(m.confusion)
         scored += m.n
         per_draw.append({"accuracy": m.accuracy, "balanced_accuracy": m.balanced_accuracy, "auc": m.auc, "scored": m.n})
+        if base_draws:
+            xs, ys = images[support].to(device), labels[support]
+            xq = x_eval.to(device)
+            for name, fn in FUNCTIONS.items():
+                bm = compute_metrics(fn(xs, ys, xq, len(classes)).cpu(), y_eval, classes)
+                base_draws[name].append({"accuracy": bm.accuracy, "balanced_accuracy": bm.balanced_accuracy})
         if progress is not None:
             progress(i + 1, draws_run)
         del classifier
@@ -393,6 +469,7 @@ def estimate(
         notes=notes,
         seconds=time.perf_counter() - start,
         temperature=temperature,
+        baselines={n: summarise_baseline(n, per_draw, d) for n, d in base_draws.items()} if per_draw else None,
     )
 
 

@@ -33,6 +33,10 @@ scored. The saved model is adapted to one more seeded draw (--shots all: every i
 its probabilities are calibrated (one softmax temperature fitted on the held-out
 predictions of the draws). ProtoNet and finetune re-estimate the backbone's BatchNorm
 statistics on the support images (--bn-stats support), as MAML does by design.
+On the same draws and held-out images, two baselines that need no backbone are
+scored (nearest class mean and logistic regression on standardised pixels); the
+summary shows the model's paired difference to each and says when it does not beat
+one. Colour images into a grayscale backbone (or the reverse) is warned about.
 
 --unlabeled DIR --align mmd|dann|bn: first align the backbone to unlabeled images of
 your domain (any size or mode, converted as the labelled ones): mmd or dann fine-tune

@@ -120,6 +120,9 @@ def add_config_arguments(
         elif base is float:
             typ = _non_negative_float
         flag = (flags or {}).get(name, "--" + name.replace("_", "-"))
+        if str(f.type) == "bool":  # a switch: left out parses to None, like every other flag
+            g.add_argument(flag, dest=name, action="store_true", default=None, help=f.metadata["help"])
+            continue
         if "choices" in f.metadata:
             g.add_argument(flag, dest=name, choices=f.metadata["choices"], default=None, help=help)
             continue

@@ -22,6 +22,7 @@ EVAL_FLAGS = [
     "learner",
     "backbone",
     "eval_batch_size",
+    "skip_bad",
 ]
 EVAL_RENAMES = {"test_subset": "--subset", "eval_episodes": "--episodes", "eval_batch_size": "--batch-size"}
 
@@ -58,7 +59,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_config_arguments(
         g, ["dataset", "test_subset", "n_way", "k_shot", "n_query"], flags=EVAL_RENAMES, show_defaults=False
     )
-    add_config_arguments(g, ["eval_episodes"], flags=EVAL_RENAMES)
+    add_config_arguments(g, ["eval_episodes", "skip_bad"], flags=EVAL_RENAMES)
     g.add_argument(
         "--lake", action="store_true", help="Lake et al.'s 20 official 20-way 1-shot runs (reports the error rate)"
     )
@@ -85,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     js = guard_output(args.json, "evaluation", overwrite=args.overwrite) if args.json else None  # before any work
     overrides = config_overrides(args, EVAL_FLAGS)
     overrides.setdefault("eval_episodes", 600)
-    overrides.update(seed=args.seed, amp=args.amp)
+    # --skip-bad is this evaluation's choice, never inherited from the run the checkpoint comes from
+    overrides.update(seed=args.seed, amp=args.amp, skip_bad=bool(args.skip_bad))
     if args.option:
         overrides["learner_options"] = parse_options(args.option, "--option")
     if args.lake:

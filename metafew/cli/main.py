@@ -99,8 +99,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+# What the library tells a Python caller to pass, and what a command-line user passes instead.
+_CLI_WORDING = {
+    "pass on_error='skip'": "use --skip-bad",
+    "use too_few='skip'": "use --skip-bad",
+}
+
+
 def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
+    text = " ".join(str(e).split()) or type(e).__name__
+    for python, cli in _CLI_WORDING.items():
+        text = text.replace(python, cli)
+    return text
 
 
 def _os_error(e: OSError) -> str:

@@ -37,6 +37,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     add_config_arguments(p, FLAGS, config=PretrainConfig)
     p.add_argument("--dataset-option", action="append", metavar="KEY=VALUE", help="dataset option, e.g. image_size=28")
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="leave unreadable image files of a folder: dataset out (with a warning) instead of stopping",
+    )
     p.add_argument("--backbone-option", action="append", metavar="KEY=VALUE", help="backbone option, repeatable")
     p.add_argument("--augment", choices=["flipcrop"], default=None, help="on-device augmentation (default: none)")
     p.add_argument("--augment-option", action="append", metavar="KEY=VALUE", help="augmentation option, e.g. padding=2")
@@ -54,6 +59,11 @@ def run(args: argparse.Namespace) -> int:
     d.update(seed=args.seed, amp=args.amp)
     if args.dataset_option:
         d["dataset_options"] = parse_options(args.dataset_option, "--dataset-option")
+    if args.skip_bad:
+        from ..data.registry import dataset_options
+
+        if "on_error" in dataset_options(d.get("dataset", PretrainConfig().dataset)):
+            d["dataset_options"] = {**d.get("dataset_options", {}), "on_error": "skip"}
     if args.backbone_option:
         d["backbone_options"] = parse_options(args.backbone_option, "--backbone-option")
     if args.augment:

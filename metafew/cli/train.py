@@ -41,6 +41,7 @@ CONFIG_FLAGS = [
     "train_query",
     "train_subset",
     "val_subset",
+    "skip_bad",
     "steps",
     "meta_batch_size",
     "optimizer",

@@ -36,6 +36,7 @@ __all__ = [
     "DatasetSpec",
     "available_datasets",
     "dataset_info",
+    "dataset_options",
     "download_dataset",
     "load_dataset",
     "register_dataset",
@@ -158,6 +159,15 @@ def _check_options(spec: DatasetSpec, options: dict[str, Any]) -> None:
     if extra:
         ok = ", ".join(spec.options) or "none"
         raise DatasetError(f"{spec.usage} does not take option(s) {', '.join(extra)} (accepted: {ok})")
+
+
+def dataset_options(name: str) -> tuple[str, ...]:
+    """The keyword options ``load_dataset(name, ...)`` accepts (``DatasetSpec.options``).
+
+    >>> dataset_options("folder:/data/x"), dataset_options("breastmnist")
+    (('image_size', 'channels', 'on_error'), ())
+    """
+    return _lookup(name)[0].options
 
 
 def load_dataset(
