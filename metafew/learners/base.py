@@ -206,7 +206,14 @@ class Learner(nn.Module):
 
     @torch.no_grad()
     def evaluate_batch(self, batch: EpisodeBatch) -> Tensor:
-        """Query accuracy of each episode, ``[B]``: adapt to the support set, classify the queries."""
+        """Query accuracy of each episode, ``[B]``: adapt to the support set, classify the queries.
+
+        A learner with a batched :meth:`episode_logits` scores all tasks in one pass when its
+        BatchNorm policy makes predictions independent of the batch; otherwise one task at a time.
+        """
+        if type(self).episode_logits is not Learner.episode_logits and self.bn.batch_independent:
+            with self.bn.while_predicting(self.backbone):
+                return accuracy(self.episode_logits(batch), batch.query_y)
         accs = []
         for episode in batch:
             logits = self.adapt(episode.support_x, episode.support_y)(episode.query_x)

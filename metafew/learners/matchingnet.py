@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ..data.episodes import EpisodeBatch
 from ..errors import MetafewError
-from .base import Classifier, Learner, accuracy, infer_n_way
+from .base import Classifier, Learner, infer_n_way
 from .bn import BNPolicy, Frozen, Stats
 from .registry import register_learner
 
@@ -139,15 +139,6 @@ class MatchingNet(Learner):
         with bn.while_adapting(self.backbone, stats):
             support = self.support_embeddings(self.embed(support_x))
         return MatchingClassifier(self, support, one_hot(support_y, n_way, support.dtype), bn=bn)
-
-    @torch.no_grad()
-    def evaluate_batch(self, batch: EpisodeBatch) -> Tensor:
-        """Per-episode query accuracy ``[B]``: all tasks embedded at once when the policy allows it."""
-        if not self.bn.batch_independent:
-            return super().evaluate_batch(batch)
-        with self.bn.while_predicting(self.backbone):
-            logits = self.episode_logits(batch)
-        return accuracy(logits, batch.query_y)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", fce_steps={self.fce.steps}" if self.fce is not None else "")

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from ..data.episodes import EpisodeBatch
 from ..errors import MetafewError
-from .base import Classifier, Learner, accuracy, infer_n_way
+from .base import Classifier, Learner, infer_n_way
 from .bn import BNPolicy, Frozen, Stats
 from .matchingnet import one_hot
 from .registry import register_learner
@@ -211,15 +211,6 @@ class _LinearHeadLearner(Learner):
         with bn.while_adapting(self.backbone, stats):
             support = self.embed(support_x)
         return LinearHeadClassifier(self, self.head(support, one_hot(support_y, n_way, support.dtype)), bn=bn)
-
-    @torch.no_grad()
-    def evaluate_batch(self, batch: EpisodeBatch) -> Tensor:
-        """Per-episode query accuracy ``[B]``: all tasks embedded at once when the policy allows it."""
-        if not self.bn.batch_independent:
-            return super().evaluate_batch(batch)
-        with self.bn.while_predicting(self.backbone):
-            logits = self.episode_logits(batch)
-        return accuracy(logits, batch.query_y)
 
 
 @register_learner("r2d2")

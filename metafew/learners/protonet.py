@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..data.episodes import EpisodeBatch
 from ..errors import MetafewError
-from .base import Classifier, Learner, accuracy, class_means, infer_n_way, squared_distances
+from .base import Classifier, Learner, class_means, infer_n_way, squared_distances
 from .bn import BNPolicy, Frozen, Stats
 from .registry import register_learner
 
@@ -85,15 +85,6 @@ class ProtoNet(Learner):
         with bn.while_adapting(self.backbone, stats):
             prototypes = class_means(self.embed(support_x), support_y, n_way)
         return ProtoClassifier(self, prototypes, bn=bn)
-
-    @torch.no_grad()
-    def evaluate_batch(self, batch: EpisodeBatch) -> Tensor:
-        """Per-episode query accuracy ``[B]``: all tasks embedded at once when the policy allows it."""
-        if not self.bn.batch_independent:
-            return super().evaluate_batch(batch)
-        with self.bn.while_predicting(self.backbone):
-            logits = self.episode_logits(batch)
-        return accuracy(logits, batch.query_y)
 
 
 class ProtoClassifier(Classifier):
