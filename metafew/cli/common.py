@@ -116,7 +116,7 @@ def add_config_arguments(
         metavar = "FILE" if name.endswith("checkpoint") else {int: "N", float: "X"}.get(base, "NAME")
         typ: Any = base
         if base is int:
-            typ = _positive_or_zero if name in ("steps", "val_episodes") else _positive
+            typ = non_negative_int if name in ("steps", "val_episodes") else positive_int
         elif base is float:
             typ = _non_negative_float
         flag = (flags or {}).get(name, "--" + name.replace("_", "-"))
@@ -134,10 +134,6 @@ def _base_type(annotation: Any) -> str:
     return "int" if text.startswith("int") else "float" if text.startswith("float") else "str"
 
 
-def _positive(text: str) -> int:
-    return positive_int(text)
-
-
 def _non_negative_float(text: str) -> float:
     try:
         v = float(text)
@@ -146,10 +142,6 @@ def _non_negative_float(text: str) -> float:
     if not v >= 0 or v == float("inf"):  # also refuses nan
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return v
-
-
-def _positive_or_zero(text: str) -> int:
-    return non_negative_int(text)
 
 
 def config_overrides(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:

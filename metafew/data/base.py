@@ -14,6 +14,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -132,28 +133,17 @@ class FewShotDataset(torch.utils.data.Dataset):
         )
 
     @classmethod
-    def from_torch(
-        cls,
-        dataset: torch.utils.data.Dataset,
-        *,
-        name: str | None = None,
-        image_size: int | tuple[int, int] | None = None,
-        channels: int | None = None,
-        cache: bool = True,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
-    ) -> FewShotDataset:
+    def from_torch(cls, dataset: torch.utils.data.Dataset, **options: Any) -> FewShotDataset:
         """A map-style torch dataset of ``(image, label)`` (torchvision's ``ImageFolder``, ``CIFAR100``, your own).
 
         Read once: labels from ``dataset.targets`` when present, images decoded to uint8
-        ``[C, H, W]`` of one size and cached under ``name`` (no cache without a name).
-        See :func:`metafew.data.torch_dataset.from_torch_dataset`.
+        ``[C, H, W]`` of one size and cached under ``name`` (no cache without a name). The
+        options (``name``, ``image_size``, ``channels``, ``cache``, ``mean``, ``std``) are those
+        of :func:`metafew.data.torch_dataset.from_torch_dataset`.
         """
         from .torch_dataset import from_torch_dataset
 
-        return from_torch_dataset(
-            dataset, name=name, image_size=image_size, channels=channels, cache=cache, mean=mean, std=std
-        )
+        return from_torch_dataset(dataset, **options)
 
     # -- torch Dataset protocol (interop with DataLoader, learn2learn, ...) ------
     def __len__(self) -> int:
