@@ -24,6 +24,7 @@ from torch import nn
 
 from metafew.backbones import create as create_backbone
 from metafew.data import EpisodeBatch, EpisodeSampler
+from metafew.errors import MetafewError
 from metafew.learners import MAML, FineTune, ProtoNet, Reptile, create
 
 # -- tiny models with an independent, hand-written forward -------------------------------
@@ -334,6 +335,42 @@ def test_reptile_adapt_is_the_inner_loop_on_the_support_set():
     phi = sgd_reference(theta.clone(), episode.support_x, episode.support_y, 0.2, 4)
     torch.testing.assert_close(logits, reference_logits(phi, episode.query_x))
     assert torch.equal(flat_params(learner), theta)  # θ untouched
+
+
+def test_reptile_prototype_head_starts_as_protonet_and_meta_learns_only_the_backbone():
+    """Reptile with a prototype head: zero test steps classify as ProtoNet; θ has no head."""
+    torch.manual_seed(0)
+    backbone = TinyMLP().double()
+    reptile = Reptile(
+        backbone, head_init="prototypes", inner_optimizer="sgd", inner_lr=0.2, inner_batch_size=None, test_inner_steps=0
+    )
+    assert reptile.head is None and all(k.startswith("backbone.") for k in reptile.meta_params())
+    episode = vector_batch(b=1)[0]
+    a = reptile.adapt(episode.support_x, episode.support_y)(episode.query_x)
+    b = ProtoNet(backbone).adapt(episode.support_x, episode.support_y)(episode.query_x)
+    feats = backbone(episode.query_x)
+    torch.testing.assert_close(a - b, feats.pow(2).sum(-1, keepdim=True).expand_as(a))
+
+    # One meta-step: the gradient of the surrogate is θ − mean φ over the backbone only, and
+    # each φ started from its own task's prototype head (any number of ways works).
+    batch = vector_batch(b=2)
+    theta = {k: v.detach().clone() for k, v in reptile.meta_params().items()}
+    phis = [reptile.inner_train(e.support_x, e.support_y, 3, 0.2) for e in batch]
+    reptile.inner_steps, reptile.inner_lr, reptile.train_data = 3, 0.2, "support"
+    loss, _ = reptile.meta_loss(batch)
+    loss.backward()
+    for k, p in reptile.meta_params().items():
+        torch.testing.assert_close(p.grad, theta[k] - torch.stack([phi[k] for phi in phis]).mean(0))
+    assert all("head.weight" in phi for phi in phis)
+
+
+def test_reptile_prototype_head_rejects_bad_options():
+    with pytest.raises(MetafewError, match="head_init"):
+        Reptile(TinyMLP(), n_way=N_WAY, head_init="random")
+    with pytest.raises(MetafewError, match="head_scale"):
+        Reptile(TinyMLP(), head_init="prototypes", head_scale=0.0)
+    with pytest.raises(MetafewError, match="needs n_way"):
+        Reptile(TinyMLP())
 
 
 # -- ProtoNet -----------------------------------------------------------------------------

@@ -281,6 +281,17 @@ def class_means(features: Tensor, labels: Tensor, n_way: int) -> Tensor:
     return sums / counts
 
 
+def prototype_head(features: Tensor, labels: Tensor, n_way: int, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Proto-MAML's linear head (Triantafillou et al. 2020): ``W = 2s c``, ``b = -s |c|^2`` from class means ``c``.
+
+    Its logits ``s (2 c.f - |c|^2) = -s |f - c|^2 + s |f|^2`` rank classes exactly as a
+    prototypical network does; ``scale`` s < 1 softens them so that the support loss
+    (and the gradient through it) is not saturated at 0.
+    """
+    centres = class_means(features, labels, n_way)
+    return 2 * scale * centres, -scale * centres.pow(2).sum(-1)
+
+
 def squared_distances(x: Tensor, centres: Tensor) -> Tensor:
     """``||x_i - c_j||^2`` for every pair, ``[..., M, N]``, computed exactly (no matmul expansion)."""
     return (x.unsqueeze(-2) - centres.unsqueeze(-3)).pow(2).sum(-1)

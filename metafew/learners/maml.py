@@ -44,10 +44,10 @@ from .base import (
     Learner,
     Tensors,
     accuracy,
-    class_means,
     full_precision,
     functional_logits,
     infer_n_way,
+    prototype_head,
     split_params,
     tensor_sum,
 )
@@ -162,8 +162,8 @@ class MAML(Learner):
             weight = torch.zeros(n_way, self.feature_dim, device=support_x.device, dtype=ref.dtype)
             bias = torch.zeros(n_way, device=support_x.device, dtype=ref.dtype)
         else:  # Proto-MAML: logits 2 c.f - |c|^2 = -|f - c|^2 + |f|^2
-            centres = class_means(full_precision(self.features(theta, support_x)), support_y, n_way)
-            weight, bias = 2 * self.head_scale * centres, -self.head_scale * centres.pow(2).sum(-1)
+            features = full_precision(self.features(theta, support_x))
+            weight, bias = prototype_head(features, support_y, n_way, self.head_scale)
         return {**theta, "head.weight": weight, "head.bias": bias}
 
     # -- the inner loop ----------------------------------------------------------

@@ -37,15 +37,27 @@ when predicting), and running statistics are never read nor updated.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from ..data.episodes import EpisodeBatch
 from ..errors import MetafewError
-from .base import Learner, accuracy, full_precision, functional_logits, minibatch_indices, tensor_sum
+from .base import (
+    Learner,
+    accuracy,
+    full_precision,
+    functional_logits,
+    infer_n_way,
+    minibatch_indices,
+    prototype_head,
+    split_params,
+    tensor_sum,
+)
 from .bn import BNPolicy, Stats, Transductive
 from .maml import MAMLClassifier
 from .registry import register_learner
@@ -70,6 +82,12 @@ class Reptile(Learner):
         inner_betas: Adam's betas in the inner loop.
         train_data: inner-loop data in meta-training, ``"support+query"`` (the reference
             code's ``--train-shots``) or ``"support"`` (see the module docstring).
+        head_init: ``"learned"`` (the paper: a meta-learned linear head, size ``n_way``) or
+            ``"prototypes"`` (as Proto-MAML: each task's head starts at its class means,
+            ``W = 2s c``, ``b = -s |c|^2``, of the inner-loop data; only the backbone is
+            meta-learned, and any number of ways works). From a pretrained backbone the
+            learned head starts random and its first inner steps wreck the features.
+        head_scale: s of the prototype head (< 1 softens saturated logits).
         amp: ``"bf16"`` to run forward passes under autocast.
     """
 
@@ -79,7 +97,7 @@ class Reptile(Learner):
     def __init__(
         self,
         backbone: nn.Module,
-        n_way: int,
+        n_way: int | None = None,
         *,
         inner_optimizer: Literal["adam", "sgd"] = "adam",
         inner_lr: float = 1e-3,
@@ -89,6 +107,8 @@ class Reptile(Learner):
         test_inner_steps: int = 50,
         inner_betas: tuple[float, float] = (0.0, 0.999),
         train_data: Literal["support", "support+query"] = "support+query",
+        head_init: Literal["learned", "prototypes"] = "learned",
+        head_scale: float = 1.0,
         amp: str | None = None,
     ) -> None:
         super().__init__(backbone, amp=amp)
@@ -96,6 +116,12 @@ class Reptile(Learner):
             raise MetafewError(f"Reptile: inner_optimizer must be 'adam' or 'sgd', got {inner_optimizer!r}")
         if train_data not in ("support", "support+query"):
             raise MetafewError(f"Reptile: train_data must be 'support' or 'support+query', got {train_data!r}")
+        if head_init not in ("learned", "prototypes"):
+            raise MetafewError(f"Reptile: head_init must be 'learned' or 'prototypes', got {head_init!r}")
+        if not (head_scale > 0 and math.isfinite(head_scale)):
+            raise MetafewError(f"Reptile: head_scale must be a finite number > 0, got {head_scale!r}")
+        if head_init == "learned" and n_way is None:
+            raise MetafewError("Reptile: head_init='learned' needs n_way (or use head_init='prototypes')")
         if not hasattr(backbone, "out_features"):
             raise MetafewError("Reptile: the backbone must state its feature size as `out_features`")
         self.n_way = n_way
@@ -108,29 +134,44 @@ class Reptile(Learner):
         beta1, beta2 = inner_betas
         self.inner_betas = (beta1, beta2)
         self.train_data = train_data
-        self.head = nn.Linear(int(backbone.out_features), n_way)  # type: ignore[arg-type]
+        self.head_init = head_init
+        self.head_scale = head_scale
+        learned = head_init == "learned"
+        self.head = nn.Linear(int(backbone.out_features), n_way) if learned and n_way else None  # type: ignore[arg-type]
 
     def meta_params(self) -> Params:
         """θ: the trainable backbone and head parameters by name (``backbone.*``, ``head.*``)."""
         return {k: p for k, p in self.named_parameters() if p.requires_grad and k.startswith(("backbone.", "head."))}
 
     def inner_train(
-        self, x: Tensor, y: Tensor, steps: int, lr: float, bn: contextlib.AbstractContextManager[None] | None = None
+        self,
+        x: Tensor,
+        y: Tensor,
+        steps: int,
+        lr: float,
+        bn: contextlib.AbstractContextManager[None] | None = None,
+        n_way: int | None = None,
     ) -> Params:
         """φ: ``steps`` inner-optimizer steps from θ on ``(x, y)``, on detached copies of θ.
 
-        ``bn``: the BatchNorm context to train in (default: the policy's meta-training one).
+        ``bn``: the BatchNorm context to train in (default: the policy's meta-training one);
+        ``n_way``: the task's ways, for a prototype head (default: from the labels, one host sync).
         """
-        theta = self.meta_params()
-        phi = {k: v.detach().clone().requires_grad_() for k, v in theta.items()}
-        leaves = list(phi.values())
-        if self.inner_optimizer == "adam":
-            opt: torch.optim.Optimizer = torch.optim.Adam(leaves, lr=lr, betas=self.inner_betas)
-        else:
-            opt = torch.optim.SGD(leaves, lr=lr)
-        order = minibatch_indices(len(x), self.inner_batch_size, steps, x.device)
         bn = bn if bn is not None else self.bn.while_training(self.backbone)
+        theta = {k: v.detach().clone() for k, v in self.meta_params().items()}
+        order = minibatch_indices(len(x), self.inner_batch_size, steps, x.device)
         with torch.enable_grad(), bn, self.autocast(x.device):
+            if self.head is None:  # a prototype head from this task's data
+                with torch.no_grad():
+                    features = functional_call(self.backbone, split_params(theta, "backbone"), (x,))
+                weight, bias = prototype_head(full_precision(features), y, infer_n_way(y, n_way), self.head_scale)
+                theta.update({"head.weight": weight, "head.bias": bias})
+            phi = {k: v.requires_grad_() for k, v in theta.items()}
+            leaves = list(phi.values())
+            if self.inner_optimizer == "adam":
+                opt: torch.optim.Optimizer = torch.optim.Adam(leaves, lr=lr, betas=self.inner_betas)
+            else:
+                opt = torch.optim.SGD(leaves, lr=lr)
             for step in range(steps):
                 xb, yb = (x, y) if order is None else (x[order[step]], y[order[step]])
                 loss = F.cross_entropy(full_precision(functional_logits(self.backbone, phi, xb)), yb)
@@ -146,7 +187,7 @@ class Reptile(Learner):
 
     def meta_loss(self, batch: EpisodeBatch) -> tuple[Tensor, Tensor]:
         """Surrogate ``0.5 Σ_t ||θ − φ_t||² / B`` (gradient ``θ − mean φ``), and query accuracy at φ."""
-        if batch.classes.shape[-1] != self.n_way:
+        if self.head is not None and batch.classes.shape[-1] != self.n_way:
             raise MetafewError(f"Reptile was built for {self.n_way}-way tasks, got {batch.classes.shape[-1]}-way")
         theta = self.meta_params()
         distances, accs = [], []
@@ -154,10 +195,12 @@ class Reptile(Learner):
             x, y = task.support_x, task.support_y
             if self.train_data == "support+query":
                 x, y = torch.cat([x, task.query_x]), torch.cat([y, task.query_y])
-            phi = self.inner_train(x, y, self.inner_steps, self.inner_lr)
+            phi = self.inner_train(x, y, self.inner_steps, self.inner_lr, n_way=batch.classes.shape[-1])
             with torch.no_grad():
                 accs.append(accuracy(self.predict(phi, task.query_x), task.query_y))
-            distances.append(tensor_sum((theta[k] - phi[k]).pow(2).sum() for k in theta))
+            distances.append(
+                tensor_sum((theta[k] - phi[k]).pow(2).sum() for k in theta)
+            )  # head.* of a prototype head is not in θ
         loss = 0.5 * torch.stack(distances).sum() / len(batch)
         return loss, torch.stack(accs).mean()
 
