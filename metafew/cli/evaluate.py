@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .. import distributed
 from ..device import describe_device, resolve_device
 from ..engine.evaluate import evaluate
 from .common import add_command, add_config_arguments, config_overrides, parse_options
@@ -105,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         print(f"{what}: {result}")
-    if js is not None:
+    if js is not None and distributed.is_main():  # rank 0 writes
         doc = {
             "format": EVALUATION_FORMAT,
             "checkpoint": path,

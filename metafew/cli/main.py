@@ -5,17 +5,25 @@ Each command is a module of this package exposing ``add_parser(subparsers)`` and
 Errors a user can fix (a :class:`~metafew.errors.MetafewError`, a missing file, a bad
 value) print one line ``metafew: error: <message>`` and exit with status 2; Ctrl-C
 exits with 130 (training saves a checkpoint first).
+
+Under ``torchrun`` (``torchrun --nproc-per-node N -m metafew train ...``, see
+:mod:`metafew.distributed`) every process joins the process group first; only rank 0
+prints and writes, and an error on any rank prints its one line (``[rank r]``) and exits
+non-zero, which makes ``torchrun`` end the others.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import re
 import sys
 from collections.abc import Sequence
 from types import ModuleType
 from typing import NoReturn
 
+from .. import distributed
 from ..errors import MetafewError
 from ..registry import did_you_mean
 from . import adapt, bench, data, evaluate, export_backbone, predict, pretrain, train
@@ -86,17 +94,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "_run", None) is None:
             parser.print_help()
             return 0
+        if distributed.init(getattr(args, "device", "auto")) and not distributed.is_main():
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # rank 0 prints
+                return int(args._run(args) or 0)
         return int(args._run(args) or 0)
     except KeyboardInterrupt as e:
         where = " ".join(str(e).split())  # the training loop says where its checkpoint is
-        print(f"metafew: interrupted{': ' + where if where else ''}", file=sys.stderr)
+        print(f"metafew: interrupted{_rank()}{': ' + where if where else ''}", file=sys.stderr)
         return 130
     except (MetafewError, ValueError) as e:
-        print(f"metafew: error: {_one_line(e)}", file=sys.stderr)
+        print(f"metafew: error:{_rank()} {_one_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:  # a missing file, a read-only folder, a full disk: the path and the reason
-        print(f"metafew: error: {_os_error(e)}", file=sys.stderr)
+        print(f"metafew: error:{_rank()} {_os_error(e)}", file=sys.stderr)
         return 2
+    finally:
+        distributed.shutdown()
+
+
+def _rank() -> str:
+    """`` [rank r]`` on the processes of a distributed run other than rank 0 (which speaks for the run)."""
+    return f" [rank {distributed.rank()}]" if distributed.world() > 1 and not distributed.is_main() else ""
 
 
 # What the library tells a Python caller to pass, and what a command-line user passes instead.

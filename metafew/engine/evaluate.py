@@ -6,22 +6,29 @@ with a tighter interval than two independent CIs.
 
 The 95% confidence interval is ``1.96 * std / sqrt(n)`` over the per-episode values
 (``std`` with ``ddof=0``, as in the evaluation code of Finn et al. 2017).
+
+Inside a process group of N processes (``torchrun``, :mod:`metafew.distributed`) the
+episodes are sharded by batch: batch ``j`` (episodes ``j*batch_size ...``) is scored on
+rank ``j % N``, exactly as one process scores it, and the per-episode values are gathered
+back in their order, so every rank returns the one-process result (accuracies, mean, CI).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from ..data.episodes import EpisodeSet
+from .. import distributed
+from ..data.episodes import EpisodeBatch, EpisodeSet
 from ..device import eval_mode
 from ..errors import MetafewError
+from ..progress import tqdm
 
 if TYPE_CHECKING:
     from ..learners.base import Learner
@@ -86,6 +93,10 @@ class PairedDifference:
         """True when the 95% interval excludes zero."""
         return abs(self.mean) > self.ci95
 
+    def __str__(self) -> str:
+        """E.g. ``+0.42 ± 0.18 points (600 paired episodes)``: the difference of accuracies, in points."""
+        return f"{100 * self.mean:+.2f} ± {100 * self.ci95:.2f} points ({self.episodes} paired episodes)"
+
 
 def mean_ci95(values: Tensor) -> tuple[float, float]:
     """``(mean, 1.96 * std / sqrt(n))`` of a 1-D tensor (``std`` with ``ddof=0``)."""
@@ -148,6 +159,7 @@ def evaluate(
     batch_size: int = 16,
     auc: bool | None = None,
     progress: bool = True,
+    shard: bool | None = None,
 ) -> EvalResult:
     """Score ``learner`` on every episode of ``episodes`` (the learner is put in eval mode).
 
@@ -155,7 +167,10 @@ def evaluate(
         batch_size: episodes per call of ``learner.evaluate_batch``.
         auc: also compute the macro one-vs-rest AUC of the query log-softmax scores (same ranking as probabilities, without ties where they saturate)
             (adapts one episode at a time); default: only for 2-way episodes.
-        progress: show a tqdm bar.
+        progress: show a tqdm bar (on rank 0 only, in a distributed run).
+        shard: split the episodes over the processes of the process group (a collective call:
+            every rank must make it); default: when there is a group of several processes.
+            ``shard=False`` scores everything in this process alone (e.g. on rank 0 only).
 
     >>> import metafew
     >>> test = metafew.EpisodeSampler(metafew.load_dataset("omniglot", "test"), 5, 1, seed=0, device="cpu")
@@ -172,23 +187,42 @@ def evaluate(
     start = time.perf_counter()
     accs: list[Tensor] = []
     aucs: list[Tensor] = []
+    ranks = distributed.world() if shard or shard is None else 1
+    progress = progress and distributed.is_main()
     bar = tqdm(total=len(episodes), desc="evaluate", unit="ep", disable=not progress, leave=False)
     # Learners that adapt by gradient steps enable grad inside adapt()/evaluate_batch() themselves.
     device = next(iter(learner.parameters()), torch.empty(0)).device
+
+    def score(batch: EpisodeBatch) -> None:
+        batch = batch.to(device, non_blocking=True)  # no-op for episodes already there
+        if auc:
+            for ep in batch:
+                logits = learner.adapt(ep.support_x, ep.support_y)(ep.query_x).float()
+                accs.append((logits.argmax(-1) == ep.query_y).double().mean().reshape(1))
+                aucs.append(
+                    macro_auc(logits.double().log_softmax(-1), ep.query_y, n_way).reshape(1)
+                )  # log: no ties from saturated probabilities
+        else:
+            accs.append(learner.evaluate_batch(batch).double().reshape(-1))
+
     with eval_mode(learner), torch.no_grad():
-        for batch in episodes.batches(batch_size, reuse=True):  # each batch is done with before the next
-            batch = batch.to(device, non_blocking=True)  # no-op for episodes already there
-            if auc:
-                for ep in batch:
-                    logits = learner.adapt(ep.support_x, ep.support_y)(ep.query_x).float()
-                    accs.append((logits.argmax(-1) == ep.query_y).double().mean().reshape(1))
-                    aucs.append(
-                        macro_auc(logits.double().log_softmax(-1), ep.query_y, n_way).reshape(1)
-                    )  # log: no ties from saturated probabilities
-            else:
-                accs.append(learner.evaluate_batch(batch).double().reshape(-1))
-            bar.update(len(batch))
+        if ranks == 1:
+            for batch in episodes.batches(batch_size, reuse=True):  # each batch is done with before the next
+                score(batch)
+                bar.update(len(batch))
+        else:
+            mine = range(distributed.rank(), -(-len(episodes) // batch_size), ranks)
+            for batch in _batches(episodes, batch_size, mine):
+                score(batch)
+                bar.update(len(batch) * ranks)
     bar.close()
+    if ranks > 1:  # every rank's batches, back in episode order (batch j came from rank j % N)
+        parts = distributed.gather_objects(
+            ([a.cpu() for a in accs], [a.cpu() for a in aucs])  # one host sync, at the end
+        )
+        group = batch_size if auc else 1  # entries per batch: one per episode with AUC, else one tensor
+        accs = _interleave([p[0] for p in parts], group)
+        aucs = _interleave([p[1] for p in parts], group)
     acc = torch.cat(accs).cpu()  # one host sync, at the end
     mean, ci = mean_ci95(acc)
     result = EvalResult(acc, mean, ci, len(acc), n_way, k_shot, n_query, 0.0, name=episodes.name)
@@ -199,3 +233,24 @@ def evaluate(
             result.auc_mean, result.auc_ci95 = mean_ci95(scored)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _batches(episodes: EpisodeSet, batch_size: int, which: range) -> Iterator[EpisodeBatch]:
+    """Batches number ``which`` of ``episodes.batches(batch_size)``, built alone (each may reuse the last's memory)."""
+    get = getattr(episodes, "_get", None)
+    last: EpisodeBatch | None = None
+    for j in which:
+        part = slice(j * batch_size, min((j + 1) * batch_size, len(episodes)))
+        last = get(part, last) if get is not None else EpisodeBatch.stack(episodes[part])
+        yield last
+
+
+def _interleave(per_rank: list[list[Tensor]], group: int) -> list[Tensor]:
+    """Undo the ``j % N`` deal: rank r's k-th item (of ``group`` consecutive entries) was batch ``k*N + r``."""
+    chunks = [[items[i : i + group] for i in range(0, len(items), group)] for items in per_rank]
+    out: list[Tensor] = []
+    for k in range(max(len(c) for c in chunks)):
+        for c in chunks:
+            if k < len(c):
+                out.extend(c[k])
+    return out

@@ -9,6 +9,17 @@ The data loop never leaves the device: the dataset's uint8 images are moved to t
 device once, each epoch draws a permutation from a seeded CPU generator, and each
 batch is gathered by indexing, normalised and (optionally) augmented on the device.
 Loss and accuracy are accumulated on the device and read once per epoch.
+
+Under ``torchrun`` (:mod:`metafew.distributed`) the backbone and head train as one
+``torch.nn.parallel.DistributedDataParallel`` module: every rank draws the same seeded
+permutation of each epoch (the split DistributedSampler makes, without its padding) and
+takes its contiguous part of each global batch of ``batch_size`` images; each rank's
+loss is weighted by its share, so the averaged gradient is that of the whole batch.
+BatchNorm normalises with each rank's own part of the batch (plain DDP; the running
+statistics are rank 0's, which DDP broadcasts at every forward). Augmentation draws from
+a per-rank generator (seeded from ``seed`` and the rank), so the batch order stays shared.
+Validation is sharded over the ranks and summed; rank 0 alone writes the log and the
+backbone file.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed
 from ..backbones import create
 from ..data.base import FewShotDataset
 from ..device import autocast, eval_mode, resolve_amp, resolve_device
@@ -103,8 +115,9 @@ def _evaluate_same_classes(
     """Loss and accuracy of backbone + head on held-out images of the training classes."""
     loss = torch.zeros((), device=data.device)
     correct = torch.zeros((), device=data.device, dtype=torch.long)
+    ranks, me = distributed.world(), distributed.rank()
     with eval_mode(backbone), eval_mode(head):
-        for start in range(0, len(data), batch_size):
+        for start in range(me * batch_size, len(data), batch_size * ranks):  # chunk j on rank j % N
             idx = torch.arange(start, min(start + batch_size, len(data)), device=data.device)
             x, y = data.get(idx)
             with autocast(data.device, amp):
@@ -112,19 +125,25 @@ def _evaluate_same_classes(
             loss += F.cross_entropy(logits.float(), y, reduction="sum")
             correct += (logits.argmax(1) == y).sum()
     n = max(len(data), 1)
-    return {"val_loss": loss.item() / n, "val_acc": correct.item() / n}
+    total_loss, total_correct = distributed.all_reduce_(torch.stack([loss, correct.float()]), "validating").tolist()
+    return {"val_loss": total_loss / n, "val_acc": total_correct / n}
 
 
 @torch.no_grad()
 def _embed(backbone: nn.Module, data: _DeviceBatches, batch_size: int, amp: torch.dtype | None) -> torch.Tensor:
-    """Features of every image of ``data``, ``[N, D]`` float32, in eval mode."""
+    """Features of every image of ``data``, ``[N, D]`` float32, in eval mode (chunk j embedded on rank j % N)."""
     out = []
+    ranks, me = distributed.world(), distributed.rank()
     with eval_mode(backbone):
-        for start in range(0, len(data), batch_size):
+        for start in range(me * batch_size, len(data), batch_size * ranks):
             idx = torch.arange(start, min(start + batch_size, len(data)), device=data.device)
             with autocast(data.device, amp):
                 out.append(backbone(data.get(idx)[0]).float())
-    return torch.cat(out)
+    if ranks == 1:
+        return torch.cat(out)
+    parts = distributed.gather_objects([t.cpu() for t in out])  # back in chunk order
+    chunks = [parts[j % ranks][j // ranks] for j in range(sum(len(p) for p in parts))]
+    return torch.cat(chunks).to(data.device)
 
 
 class _FewShotProbe:
@@ -209,6 +228,10 @@ def pretrain(
             (cosine) accuracy on ``val_episodes`` fixed episodes, the usual way to compare
             pretrained backbones (Meta-Baseline). Each check embeds every image once.
         augment: on-device augmentation ``f(x, generator)``, e.g. :class:`metafew.data.FlipCrop`.
+
+    Under ``torchrun`` (or in any initialised process group) the work is split with
+    ``DistributedDataParallel`` over the ranks (see the module docstring); ``batch_size``
+    is the global batch and must be at least the number of processes; rank 0 writes.
         seed: seeds the head/backbone initialisation, the batch order and the augmentation.
         out: when given, the backbone is saved there with :func:`metafew.checkpoint.save_backbone`
             (dataset name, class names, normalisation and the training settings in the record).
@@ -235,6 +258,9 @@ def pretrain(
         raise ConfigError("keep='best' needs validation data (val=...) to choose the best epoch")
     if epochs < 1 or batch_size < 1:
         raise ConfigError(f"epochs and batch_size must be positive, got {epochs} and {batch_size}")
+    ranks, main = distributed.world(), distributed.is_main()
+    if batch_size < ranks:
+        raise ConfigError(f"batch_size {batch_size} is smaller than the {ranks} processes: each needs images")
     if len(dataset) < 2:
         raise ConfigError(f"{dataset.name}: pretraining needs at least 2 images, got {len(dataset)}")
     if not (math.isfinite(lr) and lr > 0):
@@ -250,7 +276,10 @@ def pretrain(
         out_exists = False
     # an earlier metafew log without its backbone is an interrupted run's: replaced
     log_path = _log_path(log, overwrite or (out is not None and not out_exists))
-    dev = resolve_device(device)
+    distributed.barrier("checking the output files")  # every rank has looked before rank 0 writes
+    if not main:
+        log_path, log = None, None  # rank 0 logs
+    dev = distributed.device_for(resolve_device(device))
     amp_dtype = resolve_amp(amp, dev)
 
     with torch.random.fork_rng(devices=[]):
@@ -285,6 +314,13 @@ def pretrain(
     steps = n // bs  # drop the last partial batch: a batch of 1 breaks BatchNorm
     total_steps = epochs * steps
 
+    net: nn.Module = _Classifier(backbone, head)
+    if ranks > 1:  # gradients averaged over ranks as they are computed
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
+    lo, hi = distributed.shard(bs)
+    share = (hi - lo) * ranks / bs  # DDP divides by the ranks: weighted, the mean over the whole batch
     params = list(backbone.parameters()) + list(head.parameters())
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -292,6 +328,9 @@ def pretrain(
     )
     scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16 and dev.type == "cuda")
     gen = torch.Generator().manual_seed(seed)
+    # one process: augmentation shares the batch-order generator (as always); several: each rank
+    # augments from its own, so the permutation every rank draws stays the same
+    aug_gen = gen if ranks == 1 else torch.Generator().manual_seed(seed * 1_000_003 + 7_919 * (distributed.rank() + 1))
 
     val_data: _DeviceBatches | None = None
     probe: _FewShotProbe | None = None
@@ -301,12 +340,12 @@ def pretrain(
         else:
             probe = _FewShotProbe(val, dev, val_shots, val_episodes, seed)
 
-    from tqdm.auto import tqdm
+    from ..progress import tqdm
 
     bar = tqdm(
         total=total_steps,
         desc=f"pretrain {getattr(backbone, 'name', type(backbone).__name__)}",
-        disable=not progress,
+        disable=not (progress and main),
         unit="step",
     )
     history: list[dict[str, Any]] = []
@@ -323,14 +362,20 @@ def pretrain(
             perm = torch.randperm(n, generator=gen).to(dev, non_blocking=True)
             for step in range(steps):
                 idx = perm[step * bs : (step + 1) * bs]
+                if ranks > 1:
+                    idx = idx[lo:hi]  # this rank's part of the global batch
                 x, y = data.get(idx)
                 if augment is not None:
-                    x = augment(x, gen)
+                    x = augment(x, aug_gen)
                 with autocast(dev, amp_dtype):
-                    logits = head(backbone(x))
+                    logits = net(x)
                     loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
                 opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                if ranks > 1:
+                    with distributed.collective("the backward pass"):
+                        scaler.scale(loss * share).backward()
+                else:
+                    scaler.scale(loss).backward()
                 try:
                     scaler.step(opt)
                 except RuntimeError as e:  # an update too large for float32
@@ -348,7 +393,12 @@ def pretrain(
                 correct += (logits.detach().argmax(1) == y).sum()
                 bar.update(1)
             seen = steps * bs
-            total_loss, total_correct = torch.stack([loss_sum, correct.float()]).tolist()  # the one sync per epoch
+            totals = distributed.all_reduce_(torch.stack([loss_sum, correct.float()]), "summing the epoch's loss")
+            total_loss, total_correct = totals.tolist()  # the one sync per epoch
+            if ranks > 1 and not math.isfinite(total_loss):  # the first bad step of any rank
+                never = torch.iinfo(torch.long).max
+                first = torch.where(bad_step < 0, torch.full_like(bad_step, never), bad_step).reshape(1).cpu()
+                bad_step = distributed.all_reduce_(first, "finding the step that diverged", op="min")[0]
             _check_finite(total_loss, bad_step, backbone, epoch, steps, lr, out)
             entry: dict[str, Any] = {
                 "epoch": epoch,
@@ -378,7 +428,7 @@ def pretrain(
         chosen = history[best[1] - 1]
     backbone.eval()
     backbone.pretrain_history = history  # type: ignore[assignment]
-    if out is not None:
+    if out is not None and main:
         from ..checkpoint import save_backbone
 
         settings = {
@@ -402,4 +452,16 @@ def pretrain(
             classes=dataset.classes,
             extra={"pretrain": settings, "final": history[-1], "chosen": chosen},
         )
+    distributed.barrier("waiting for rank 0 to save the backbone")  # the file exists on return, on every rank
     return backbone
+
+
+class _Classifier(nn.Module):
+    """Backbone and linear head as one module (what DistributedDataParallel wraps)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))

@@ -12,11 +12,49 @@ backward, step) plus what a long run needs:
 * ``log.jsonl`` (one JSON object per log row: step, loss, acc, lr, seconds, val_acc),
   drawn as ``learning_curve.png`` at checkpoints (a minute apart at most) and at the end,
   and a tqdm bar. Losses are summed on the device and read back only at log rows.
+
+Under ``torchrun`` (or inside any initialised process group of N processes, see
+:mod:`metafew.distributed`) the same loop runs on every process:
+
+* every rank draws the *same* meta-batch of B episodes from the seeded sampler (the
+  sampler's RNG advances identically everywhere, so neither resuming nor the number of
+  ranks changes which episodes are drawn) and builds only its contiguous slice of about
+  B/N tasks (the whole batch, then sliced, with an augmenting sampler, whose augmentation
+  draws from the same RNG, or a memory-mapped dataset). B must be >= N: every rank needs
+  at least one task (a smaller B is refused with a ConfigError);
+* each rank backpropagates ``meta_loss(slice) * len(slice) / B`` and the gradients are
+  summed over ranks in one all-reduce: the meta-gradient of one process with the whole
+  meta-batch (every learner's ``meta_loss`` is a mean over equal-sized tasks: ProtoNet,
+  MatchingNet, MetaOptNet/R2-D2 average the query cross-entropy, MAML/FO-MAML and Reptile
+  the per-task losses, Reptile's surrogate giving ``theta - mean phi``). Every rank then
+  takes the same optimizer step; no DDP wrapper is involved, so MAML's inner
+  ``autograd.grad`` is untouched;
+* BatchNorm: learners that run the meta-batch through the backbone in one pass in its
+  own training mode (ProtoNet, MatchingNet, MetaOptNet, R2-D2: the ``Frozen`` policy)
+  normalise with the statistics of all ranks' images (:func:`metafew.distributed.synced_batchnorm`),
+  exactly as one process does, and their running statistics stay equal on every rank;
+  ``Transductive`` learners (MAML, FO-MAML, Reptile) use each task's own batch statistics,
+  which never cross tasks, so nothing is shared. Buffers are re-broadcast from rank 0
+  before validation and checkpoints all the same;
+* torch's global RNG (dropout, Reptile's inner minibatch order) is seeded per rank:
+  rank 0 keeps the single-process stream (checkpointed); rank r > 0 is re-seeded from
+  (seed, r, step) when it starts or resumes, so with Reptile's minibatches (its default
+  ``inner_batch_size``) the inner loops see other minibatch orders than one process
+  would: the same estimator, not the same numbers;
+* logged loss/acc are means over all ranks' tasks (device-side sums, reduced only at log
+  rows); validation episodes are sharded over ranks (:func:`~metafew.engine.evaluate.evaluate`);
+* rank 0 alone takes the run lock, writes checkpoints, ``log.jsonl``, the plot and the
+  progress bar. The checkpoint holds no per-rank state: a run resumes with any number of
+  ranks, every rank reading the same ``last.safetensors``;
+* Ctrl-C (on any rank) is agreed on through the gradient all-reduce and stops every rank
+  one step later, after the checkpoint; a rank that dies makes the others stop with a
+  :class:`~metafew.distributed.DistributedError` (see :mod:`metafew.distributed`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -31,13 +69,15 @@ from typing import TYPE_CHECKING, Any, TypedDict, cast
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from .. import distributed
 from ..checkpoint import check_state_dict, load_state, save_state
-from ..data.episodes import EpisodeSampler, EpisodeSet
+from ..data.episodes import EpisodeBatch, EpisodeSampler, EpisodeSet
 from ..device import autocast
 from ..errors import CheckpointError, ConfigError, TrainingDiverged
+from ..learners.bn import BNPolicy
 from ..outputs import guard_run_dir, run_lock, writing
+from ..progress import tqdm
 from .curves import plot_learning_curve
 from .evaluate import evaluate
 
@@ -109,6 +149,64 @@ def lr_schedule(schedule: str, steps: int, step_size: int | None = None, gamma: 
     raise ConfigError(f"unknown schedule {schedule!r}; available: {', '.join(SCHEDULES)}")
 
 
+def sample_slice(sampler: EpisodeSampler, meta_batch_size: int, *, reuse: EpisodeBatch | None = None) -> EpisodeBatch:
+    """This process's tasks of the sampler's next meta-batch of ``meta_batch_size`` (all of them in one process).
+
+    Every rank draws the episode indices of the whole meta-batch (a few random numbers:
+    the sampler's RNG advances exactly as ``sampler.sample_batch(meta_batch_size)`` would)
+    and builds only the images of its contiguous slice (:func:`metafew.distributed.shard`).
+    A sampler with augmentation, which draws from the same RNG image by image, builds the
+    whole batch and slices it, so the episodes stay those of one process.
+    """
+    if distributed.world() == 1:
+        return sampler.sample_batch(meta_batch_size, reuse=reuse)
+    lo, hi = distributed.shard(meta_batch_size)
+    draw, build = getattr(sampler, "_draw", None), getattr(sampler, "_build", None)
+    # in-memory datasets only: a memory-mapped one gathers (and prefetches) whole batches on the host
+    cheap = getattr(sampler, "augment", None) is None and not getattr(sampler, "is_mapped", False)
+    if draw is not None and build is not None and cheap:
+        idx, classes = draw(meta_batch_size, sampler.generator)
+        return EpisodeBatch(*build(idx[lo:hi], classes[lo:hi], None, reuse))
+    full = sampler.sample_batch(meta_batch_size)
+    return EpisodeBatch(*(getattr(full, f.name)[lo:hi] for f in dataclasses.fields(EpisodeBatch)))
+
+
+def meta_backward(
+    learner: Learner,
+    batch: EpisodeBatch,
+    meta_batch_size: int,
+    *,
+    amp: str | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    flag: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backpropagate the meta-loss of this rank's ``batch`` (its slice of ``meta_batch_size`` tasks) into ``.grad``.
+
+    Afterwards every rank holds the same gradients: those of one process with the whole
+    meta-batch. Each rank's loss is weighted by ``len(batch) / meta_batch_size`` before the
+    backward pass, and the gradients are summed over ranks in one all-reduce. BatchNorm
+    layers a learner runs in the backbone's own training mode (its policy's ``while_training``
+    is the default) see the statistics of all ranks' images (:func:`~metafew.distributed.synced_batchnorm`).
+    Call ``opt.zero_grad()`` before and ``opt.step()`` after, as with ``loss.backward()``.
+
+    Returns this rank's (loss, acc) of its slice and ``flag`` (e.g. "interrupted") summed
+    over ranks, as a 1-element device tensor (no host sync).
+    """
+    weight = len(batch) / meta_batch_size
+    device = batch.query_x.device
+    synced = type(learner.bn).while_training is BNPolicy.while_training  # the module's own mode
+    bn = distributed.synced_batchnorm(learner) if synced else contextlib.nullcontext()
+    with distributed.collective("the meta-loss"), bn, autocast(device, amp):
+        loss, acc = learner.meta_loss(batch)
+    scaled = loss * weight if distributed.world() > 1 else loss
+    with distributed.collective("the backward pass"):
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+    params = [p for p in learner.parameters() if p.requires_grad]
+    reduced = distributed.all_reduce_grads(params, 1.0, distributed.constant((float(flag),), device))
+    assert reduced is not None
+    return loss, acc, reduced
+
+
 def train(
     learner: Learner,
     sampler: EpisodeSampler,
@@ -148,7 +246,9 @@ def train(
     it may hold only a run's own files; an existing run is continued with ``resume=True``
     (its stored settings must equal these, unless ``allow_changes=True``, which the log
     records) or replaced with ``overwrite=True``. One process at a time owns the folder
-    (``.metafew.lock``). A loss or weight that is not finite stops the run with
+    (``.metafew.lock``). Inside a process group of N processes (``torchrun``) the meta-batch
+    is split over them and the step is that of one process with the whole meta-batch (see
+    the module docstring); rank 0 writes. A loss or weight that is not finite stops the run with
     :class:`~metafew.errors.TrainingDiverged`, naming the step; non-finite weights are never saved.
 
     >>> import metafew
@@ -166,9 +266,20 @@ def train(
         raise ConfigError(f"grad_clip must be a finite number > 0, got {grad_clip!r}")
     if not (math.isfinite(gamma) and gamma > 0):
         raise ConfigError(f"gamma must be a finite number > 0, got {gamma!r}")
+    if meta_batch_size < distributed.world():
+        raise ConfigError(
+            f"meta_batch_size {meta_batch_size} is smaller than the {distributed.world()} processes of this run: "
+            "every process needs at least one task of each meta-batch; use a meta-batch of at least "
+            f"{distributed.world()} (or fewer processes)"
+        )
     if out_dir is None:
         return _train(**locals())
     out = guard_run_dir(out_dir, resume=resume, overwrite=overwrite)
+    distributed.barrier("checking the run folder")  # every rank has looked before rank 0 changes anything
+    if not distributed.is_main():
+        kw = {**locals()}
+        kw.pop("out")
+        return _train(**{**kw, "out_dir": out})
     with run_lock(out):
         kw = {**locals()}
         kw.pop("out")
@@ -203,6 +314,10 @@ def _train(
 ) -> TrainResult:
     device = sampler.device
     learner.to(device)
+    ranks, main = distributed.world(), distributed.is_main()
+    multi = ranks > 1
+    weight = len(range(*distributed.shard(meta_batch_size))) / meta_batch_size  # this rank's share
+    progress = progress and main
     params = [p for p in learner.parameters() if p.requires_grad]
     default_optimizer: str | dict[str, Any] = getattr(learner, "default_optimizer", "adam")
     opt = build_optimizer(params, optimizer or default_optimizer, lr)
@@ -239,23 +354,42 @@ def _train(
     if resume and out is not None and (out / LAST).is_file():
         changes = _changed_settings(out / LAST, record, allow_changes)
         run, sums = _load_last(out / LAST, learner, opt, scaler, sampler, device)
-    elif out is not None:
+        if not main:
+            sums.zero_()  # the saved sums are all ranks' together: rank 0 carries them
+    elif out is not None and main:
         # A fresh run: never leave an older run's weights to be taken for this one's, even if interrupted.
         for name in (BEST, LAST, CURVE, LOG):
             with writing(out / name):
                 (out / name).unlink(missing_ok=True)
-    if out is not None:
-        if changes:  # allowed: the log says what changed, and when
-            run["history"].append({"step": run["step"], "event": "resumed with changed settings", "changes": changes})
+    if multi:
+        distributed.broadcast_module(learner)  # the same start on every rank, whatever each one built
+        if not main:  # its own stream for dropout, inner minibatches...: not rank 0's
+            torch.manual_seed(_rank_seed(seed, distributed.rank(), run["step"]))
+    if changes:  # allowed: the log says what changed, and when
+        run["history"].append({"step": run["step"], "event": "resumed with changed settings", "changes": changes})
+    if out is not None and main:
         with writing(out / LOG):  # drop rows past the checkpoint
             (out / LOG).write_text("".join(_json_line(r) for r in run["history"]), encoding="utf-8")
     bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
 
     plotted_at = -math.inf  # when the learning curve was last drawn
+    stop_flag = distributed.LaggedFlag()  # Ctrl-C on any rank, agreed on one step later
+    stopped_before = False
+
+    def reduce_sums() -> None:
+        """All ranks' loss/acc sums on rank 0 (zero elsewhere): what a log row or checkpoint needs."""
+        if multi:
+            distributed.all_reduce_(sums, "summing the logged losses")
+            if not main:
+                sums.zero_()
 
     def save_last(final: bool = False) -> None:
         nonlocal plotted_at
         assert out is not None  # only called with an out_dir
+        reduce_sums()
+        distributed.broadcast_module(learner, buffers_only=True)
+        if not main:
+            return
         state = {
             "learner": learner.state_dict(),
             "optimizer": opt.state_dict(),
@@ -280,11 +414,20 @@ def _train(
             factor = lr_at(run["step"])
             for g, base in zip(opt.param_groups, base_lrs):
                 g["lr"] = base * factor
-            batch = sampler.sample_batch(meta_batch_size, reuse=batch)  # last step's batch is spent
-            with autocast(device, amp):
-                loss, acc = learner.meta_loss(batch)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            if multi:
+                batch = sample_slice(sampler, meta_batch_size, reuse=batch)
+                opt.zero_grad(set_to_none=True)
+                loss, acc, flag = meta_backward(
+                    learner, batch, meta_batch_size, amp=amp, scaler=scaler, flag=interrupted()
+                )
+                stopped_before = stop_flag.pop()  # the step before's flag: its all-reduce is long done
+                stop_flag.push(flag)
+            else:
+                batch = sampler.sample_batch(meta_batch_size, reuse=batch)  # last step's batch is spent
+                with autocast(device, amp):
+                    loss, acc = learner.meta_loss(batch)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
             if grad_clip is not None:
                 scaler.unscale_(opt)
                 nn.utils.clip_grad_norm_(params, grad_clip)
@@ -296,7 +439,10 @@ def _train(
                 bar.close()
                 _diverged(run["step"] + 1, "an update", opt, out, run)
             scaler.update()
-            sums += torch.stack([loss.detach().float(), acc.detach().float(), sums.new_ones(())])
+            if multi:  # this rank's share: summed over ranks, a step adds the whole meta-batch's means
+                sums += torch.stack([loss.detach().float(), acc.detach().float(), sums.new_ones(())]) * weight
+            else:
+                sums += torch.stack([loss.detach().float(), acc.detach().float(), sums.new_ones(())])
             run["step"] = step = run["step"] + 1
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)  # no host sync
             bar.update(1)
@@ -305,10 +451,15 @@ def _train(
             last = step == steps
             validate = val_episodes is not None and (step % val_every == 0 or last)
             if step % log_every == 0 or validate or last:
-                loss_sum, acc_sum, n = sums.tolist()
+                if multi:  # the same totals on every rank
+                    distributed.all_reduce_(sums, "summing the logged losses")
+                    loss_sum, acc_sum, n = sums.tolist()
+                    n = float(round(n))  # each step's shares add up to 1
+                else:
+                    loss_sum, acc_sum, n = sums.tolist()
                 if not math.isfinite(loss_sum):
                     bar.close()
-                    _diverged(int(bad_step.item()), "the loss", opt, out, run)
+                    _diverged(_first_bad_step(bad_step, multi), "the loss", opt, out, run)
                 _check_weights(learner, step, out, opt, run, bar)
                 row: dict[str, Any] = {
                     "step": step,
@@ -319,22 +470,25 @@ def _train(
                 }
                 sums.zero_()
                 if validate and val_episodes is not None:  # (validate implies it)
+                    if multi:
+                        distributed.broadcast_module(learner, buffers_only=True)
                     row["val_acc"] = evaluate(
                         learner, val_episodes, batch_size=val_batch_size, auc=False, progress=False
                     ).accuracy_mean
                     if run["best_val_acc"] is None or row["val_acc"] > run["best_val_acc"]:
                         run["best_val_acc"], run["best_step"] = row["val_acc"], step
-                        if out is not None:
+                        if out is not None and main:
                             save_state(learner, out / BEST, {**record, "step": step, "val_acc": row["val_acc"]})
                 run["history"].append(row)
-                if out is not None:
+                if out is not None and main:
                     with writing(out / LOG), open(out / LOG, "a", encoding="utf-8") as f:
                         f.write(_json_line(row))
                 bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "acc", "val_acc")})
             run["seconds"] = time.perf_counter() - start
-            if out is not None and (step % checkpoint_every == 0 or last or interrupted()):
-                save_last(final=last or interrupted())
-            if interrupted():
+            stop = stopped_before if multi else interrupted()  # the same answer on every rank
+            if out is not None and (step % checkpoint_every == 0 or last or stop):
+                save_last(final=last or stop)
+            if stop:
                 bar.close()
                 raise KeyboardInterrupt(f"interrupted at step {step}" + (f"; checkpoint saved in {out}" if out else ""))
     bar.close()
@@ -367,6 +521,21 @@ def load_weights(learner: nn.Module, path: str | Path, device: str | torch.devic
 
 
 # -- internals -------------------------------------------------------------------
+
+
+def _rank_seed(seed: int, rank: int, step: int) -> int:
+    """The global torch seed of rank ``rank`` > 0 from ``step`` on (rank 0 keeps the run's own stream)."""
+    return (seed * 1_000_003 + rank * 7_919 + step * 104_729) % (2**63 - 1)
+
+
+def _first_bad_step(bad_step: torch.Tensor, multi: bool) -> int:
+    """The first step with a non-finite loss on any rank."""
+    if not multi:
+        return int(bad_step.item())
+    never = torch.iinfo(torch.long).max
+    first = torch.where(bad_step < 0, torch.full_like(bad_step, never), bad_step).reshape(1).cpu()
+    distributed.all_reduce_(first, "finding the step that diverged", op="min")
+    return -1 if int(first) == never else int(first)
 
 
 def _json_line(row: dict[str, Any]) -> str:
@@ -492,17 +661,29 @@ def _load_last(
 
 @contextlib.contextmanager
 def _deferred_sigint() -> Iterator[Callable[[], bool]]:
-    """Turn the first Ctrl-C into a flag read at the end of a step (a second one aborts at once)."""
+    """Turn the first Ctrl-C into a flag read at the end of a step (a second one aborts at once).
+
+    Under ``torchrun`` a Ctrl-C reaches each worker twice (from the terminal, then forwarded
+    by the launcher, which gives workers 30 s to end): a repeat within 2 s is taken for the
+    forwarded copy. SIGTERM (what the launcher sends when another worker failed) ends a
+    worker at once, as it does a single process.
+    """
     flag = threading.Event()
+    first = [0.0]
     if threading.current_thread() is not threading.main_thread():
         yield flag.is_set
         return
+    launched = distributed.launched()
 
     def handler(signum: int, frame: Any) -> None:
         if flag.is_set():
+            if launched and time.monotonic() - first[0] < 2.0:
+                return  # the launcher passing the same Ctrl-C on
             raise KeyboardInterrupt
         flag.set()
-        tqdm.write("Interrupted: finishing this step and saving a checkpoint (Ctrl-C again to abort now)")
+        first[0] = time.monotonic()
+        if not launched or distributed.is_main():
+            tqdm.write("Interrupted: finishing this step and saving a checkpoint (Ctrl-C again to abort now)")
 
     previous = signal.signal(signal.SIGINT, handler)
     try:
