@@ -4,9 +4,14 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
-export METAFEW_DATA ?= $(abspath ../shared/data)
+# Datasets are read from --data-root, else $METAFEW_DATA, else ~/.cache/metafew/data; in a
+# checkout with ../shared/data beside it (development, CI) that folder is also searched, with a
+# note saying so. `make bench` downloads what it needs on first use (md5-checked, resumable).
+# `make test` reads the real datasets the tests use: without ../shared/data or $METAFEW_DATA it
+# first fetches them into ~/.cache/metafew/data (`make data`, once).
+TEST_DATASETS ?= omniglot omniglot-lake pneumoniamnist breastmnist caltech101
 
-.PHONY: test bench venv clean
+.PHONY: test bench data venv clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +21,13 @@ $(BIN)/.installed: pyproject.toml
 
 venv: $(BIN)/.installed
 
+data: $(BIN)/.installed
+	for d in $(TEST_DATASETS); do $(BIN)/metafew data download $$d || exit 1; done
+
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
+	@if [ -z "$$METAFEW_DATA" ] && [ ! -d ../shared/data ]; then $(MAKE) data; fi
+	METAFEW_DATA="$${METAFEW_DATA:-$$($(BIN)/python -c 'import metafew.paths as p; print(p.data_roots()[-1])')}" \
+	  $(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 
 bench: $(BIN)/.installed
 	$(BIN)/metafew bench --suite quick --out results/quick.json --overwrite

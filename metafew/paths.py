@@ -1,6 +1,12 @@
 """Where metafew looks for data and keeps its caches.
 
-* data root: the ``root`` argument, else ``$METAFEW_DATA``, else ``~/.cache/metafew/data``.
+* data root: the ``root`` argument (``--data-root``), else ``$METAFEW_DATA``, else the user
+  data dir ``<cache dir>/data`` (``~/.cache/metafew/data``). That one folder is where
+  datasets are downloaded to and what messages name.
+* development data: in a metafew source checkout with ``../shared/data`` beside it (this
+  project's developers and CI), datasets missing from the user data dir are also looked
+  for there when neither an argument nor ``$METAFEW_DATA`` is given; the first use prints
+  one note saying so. Setting ``METAFEW_DATA`` (or passing a root) overrides it.
 * cache dir: ``$METAFEW_CACHE``, else ``$XDG_CACHE_HOME/metafew``, else ``~/.cache/metafew``.
 
 Data roots may be read-only (a shared mount); metafew only ever writes to the cache dir
@@ -10,9 +16,10 @@ and to a data root it downloaded into itself.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
@@ -26,14 +33,86 @@ def cache_dir() -> Path:
     return base / "metafew"
 
 
+def user_data_dir() -> Path:
+    """The per-user data root used when neither a root nor ``$METAFEW_DATA`` is given: ``<cache dir>/data``."""
+    return cache_dir() / "data"
+
+
+def dev_data_dir() -> Path | None:
+    """``../shared/data`` beside this metafew source checkout, when there is one (development and CI only).
+
+    Only a checkout counts (the folder above the package holds metafew's ``pyproject.toml``),
+    never an installed copy, so a user's machine never looks outside its own folders.
+    """
+    checkout = Path(__file__).resolve().parents[1]
+    try:
+        if 'name = "metafew"' not in (checkout / "pyproject.toml").read_text(errors="replace"):
+            return None
+    except OSError:
+        return None
+    shared = checkout.parent / "shared" / "data"
+    return shared if shared.is_dir() else None
+
+
 def data_root(root: str | os.PathLike[str] | None = None) -> Path:
-    """Resolve the data root: explicit argument, ``$METAFEW_DATA``, then the cache."""
+    """The data root: the explicit argument, else ``$METAFEW_DATA``, else :func:`user_data_dir`.
+
+    Downloads go here and messages name it; :func:`data_roots` adds the development
+    fallback that finding a dataset also searches.
+    """
     if root is not None:
         return Path(root).expanduser()
     env = os.environ.get("METAFEW_DATA")
     if env:
         return Path(env).expanduser()
-    return cache_dir() / "data"
+    return user_data_dir()
+
+
+def data_roots(root: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Every folder a dataset is looked for in, in order: :func:`data_root`, then the development data.
+
+    The development folder (:func:`dev_data_dir`) is only added when neither ``root`` nor
+    ``$METAFEW_DATA`` is given, so either of them overrides it.
+    """
+    first = data_root(root)
+    explicit = root is not None or bool(os.environ.get("METAFEW_DATA"))
+    dev = None if explicit else dev_data_dir()
+    return [first] if dev is None or dev == first else [first, dev]
+
+
+_noted: set[Path] = set()
+
+
+def data_candidates(root: str | os.PathLike[str] | None, relative: Sequence[str]) -> list[Path]:
+    """Each of ``relative`` (e.g. ``"omniglot"``, ``"medmnist/x.npz"``; ``""`` is the root itself) under each data root."""
+    return [(r / rel) if rel else r for r in data_roots(root) for rel in relative]
+
+
+def find_data(
+    root: str | os.PathLike[str] | None, relative: Sequence[str], found: Callable[[Path], bool]
+) -> Path | None:
+    """The first of :func:`data_candidates` for which ``found(path)`` holds, or None.
+
+    A dataset found in the development folder prints, once per process, a one-line note
+    saying so and how to override it, so this fallback is never silent.
+    """
+    roots = data_roots(root)
+    for r in roots:
+        for rel in relative:
+            candidate = (r / rel) if rel else r
+            if found(candidate):
+                if len(roots) > 1 and r == roots[-1]:
+                    note_dev_data(r)
+                return candidate
+    return None
+
+
+def note_dev_data(folder: Path) -> None:
+    """Say once (on stderr) that development data in ``folder`` is being used."""
+    if folder in _noted:
+        return
+    _noted.add(folder)
+    print(f"metafew: note: using development data in {folder} (set METAFEW_DATA to override)", file=sys.stderr)
 
 
 def make_readable(path: str | os.PathLike[str]) -> None:

@@ -253,3 +253,53 @@ def test_skip_bad_keeps_existing_run_hashes():
     assert RunConfig(skip_bad=True).train_key() != "0ab5b876"  # it changes which images train
     assert RunConfig(dataset="folder:/x", skip_bad=True).dataset_options() == {"on_error": "skip"}
     assert RunConfig(dataset="breastmnist", skip_bad=True).dataset_options() == {}
+
+
+def test_a_corrupt_png_inside_lakes_runs_zip_is_one_line_naming_the_archive(tmp_path):
+    import zipfile
+
+    from metafew.data import lake
+
+    official = lake.find_lake_runs(OMNIGLOT.parent)
+    if official is None:
+        pytest.skip("Lake's all_runs.zip is not in the shared data")
+    broken = tmp_path / "omniglot" / "one-shot-classification" / "all_runs.zip"
+    broken.parent.mkdir(parents=True)
+    member = "run03/test/item07.png"
+    with zipfile.ZipFile(official) as src, zipfile.ZipFile(broken, "w") as dst:
+        for info in src.infolist():
+            data = b"\x89PNG\r\n\x1a\n" + b"garbage" * 20 if info.filename == member else src.read(info)
+            dst.writestr(info, data)
+    with pytest.raises(DatasetError) as info:  # the user's path: the archive's md5 is checked first
+        lake.lake_runs(tmp_path)
+    assert str(broken) in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(DatasetError) as info:  # the decode itself names the member
+        lake._read_images(broken, 28)
+    msg = str(info.value)
+    assert str(broken) in msg and member in msg and "not a readable image" in msg and "\n" not in msg
+
+
+def test_ctrl_c_while_the_command_starts_up_exits_quietly():
+    """SIGINT while `metafew` is still importing torch: exit 130, one line, no traceback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = Path(sys.executable).with_name("metafew")
+    assert script.is_file(), script
+    import_started = "import sys, time\nclass Slow:\n    def find_spec(self, name, *a):\n        if name == 'torch': time.sleep(30)\n"
+    sitecustom = Path(os.environ.get("TMPDIR", "/tmp")) / f"metafew-slow-import-{os.getpid()}"
+    sitecustom.mkdir(exist_ok=True)
+    (sitecustom / "sitecustomize.py").write_text(
+        import_started + "        return None\nsys.meta_path.insert(0, Slow())\nprint('ready', flush=True)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(sitecustom)}
+    proc = subprocess.Popen([str(script), "--help"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    time.sleep(1.0)  # the console script is now importing metafew.cli.main, stuck on torch
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, (proc.returncode, err)
+    assert err.strip() == "metafew: interrupted" and "Traceback" not in err
+    shutil.rmtree(sitecustom, ignore_errors=True)

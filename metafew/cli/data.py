@@ -14,9 +14,11 @@ examples:
   metafew data info pneumoniamnist --data-root /mnt/data
   metafew data info folder:/path/to/images   # a folder of class sub-folders
   metafew data download omniglot             # fetch from the official source into the data root
+  METAFEW_MIRROR=https://host/files metafew data download omniglot   # the same files from a mirror
 
 Datasets: omniglot (Vinyals split: train/val/test/trainval), omniglot-lake (background/
-evaluation), MedMNIST (pneumoniamnist, breastmnist, ...), caltech101, folder:PATH."""
+evaluation), MedMNIST (pneumoniamnist, breastmnist, ...), caltech101, mini-imagenet, tiered-imagenet,
+cifar-fs, fc100, cub, folder:PATH."""
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -68,10 +70,12 @@ def run(args: argparse.Namespace) -> int:
         if subsets:
             print("subsets:")
             for name, counts in subsets.items():
-                print(f"  {name}: {counts.get('classes')} classes, {counts.get('images')} images")
+                images = counts.get("images")
+                shown = "? (counted on first load)" if images is None else images  # e.g. a pickle not yet read
+                print(f"  {name}: {counts.get('classes')} classes, {shown} images")
         if info.get("found") is False:
             raise DatasetNotFoundError(message or f"{args.name} not found under {info.get('data_root')}")
-        if subsets and not any(int(c.get("images") or 0) for c in subsets.values()):
+        if subsets and not any(c.get("images") is None or int(c["images"]) for c in subsets.values()):
             from ..errors import DatasetError
 
             raise DatasetError(
@@ -88,6 +92,9 @@ def run(args: argparse.Namespace) -> int:
     if args.name.lower() == "omniglot-lake" and args.subset is None:
         runs = lake_runs(args.data_root, download=True)  # the benchmark's 20 official runs
         print(f"omniglot-lake runs: {len(runs)} official 20-way 1-shot runs")
+    where = dataset_info(args.name, args.data_root).get("path")
+    if where:
+        print(f"{args.name} is in {where}")
     return 0
 
 

@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import DatasetError
-from ..paths import data_root
+from ..paths import data_candidates, data_root, find_data
 from .base import FewShotDataset, cache_key, cached_array
 from .decode import decode_files
-from .download import check_md5, dataset_not_found, download_and_extract, extract_archive
+from .download import check_md5, dataset_not_found, download_and_extract, extract_archive, making_dirs, offline
 from .registry import DatasetSpec, register_dataset
 
 __all__ = [
@@ -59,25 +59,27 @@ _JPEG = (".jpg", ".jpeg")
 _VERSION = "caltech101-v1"
 
 
+_LAYOUTS = (
+    "caltech101/101_ObjectCategories",  # also torchvision's Caltech101(root) layout
+    "caltech-101/101_ObjectCategories",  # the official zip, extracted as is
+    "101_ObjectCategories",
+)
+
+
 def _candidates(root: str | os.PathLike[str] | None) -> list[Path]:
-    r = data_root(root)
-    return [
-        r / "caltech101" / "101_ObjectCategories",  # also torchvision's Caltech101(root) layout
-        r / "caltech-101" / "101_ObjectCategories",  # the official zip, extracted as is
-        r / "101_ObjectCategories",
-    ]
+    return data_candidates(root, _LAYOUTS)
 
 
 def find_caltech101(root: str | os.PathLike[str] | None = None) -> Path | None:
-    """The ``101_ObjectCategories`` folder under the data root, or None."""
-    return next((c for c in _candidates(root) if c.is_dir()), None)
+    """The ``101_ObjectCategories`` folder under a data root (:func:`metafew.paths.data_roots`), or None."""
+    return find_data(root, _LAYOUTS, Path.is_dir)
 
 
 def locate_caltech101(root: str | os.PathLike[str] | None = None, download: bool = False) -> Path:
     """The ``101_ObjectCategories`` folder, downloading it when missing and ``download`` is set."""
     folder = find_caltech101(root)
     if folder is None:
-        if not download:
+        if not download or offline():
             raise dataset_not_found("Caltech-101", _candidates(root), "caltech101", CALTECH101_URL)
         folder = _download(root)
     return folder
@@ -85,17 +87,17 @@ def locate_caltech101(root: str | os.PathLike[str] | None = None, download: bool
 
 def _download(root: str | os.PathLike[str] | None) -> Path:
     dest = data_root(root) / "caltech101"
-    dest.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=dest, prefix=".caltech-"))
-    try:
-        download_and_extract(CALTECH101_URL, CALTECH101_MD5, work)
-        inner = next(work.rglob("101_ObjectCategories.tar.gz"), None)
-        if inner is None:
-            raise DatasetError(f"{CALTECH101_URL} did not contain 101_ObjectCategories.tar.gz")
-        check_md5(inner, CALTECH101_INNER_MD5)
-        extract_archive(inner, dest)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with making_dirs(dest):  # removed again, when it was made here, if anything fails
+        work = Path(tempfile.mkdtemp(dir=dest, prefix=".caltech-"))
+        try:
+            download_and_extract(CALTECH101_URL, CALTECH101_MD5, work)
+            inner = next(work.rglob("101_ObjectCategories.tar.gz"), None)
+            if inner is None:
+                raise DatasetError(f"{CALTECH101_URL} did not contain 101_ObjectCategories.tar.gz")
+            check_md5(inner, CALTECH101_INNER_MD5)
+            extract_archive(inner, dest)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     return dest / "101_ObjectCategories"
 
 
@@ -180,7 +182,7 @@ def Caltech101(
         return arr
 
     def load() -> np.ndarray:
-        return cached_array(f"caltech101-{image_size}", key, build)[index]
+        return cached_array(f"caltech101-{image_size}", key, build, sources=folder)[index]
 
     return FewShotDataset(
         f"caltech101/{subset}" + ("" if seed == 0 else f"-seed{seed}"),
@@ -191,6 +193,7 @@ def Caltech101(
         image_size=(image_size, image_size),
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
+        cache_key=cache_key(key, wanted),  # names the memory-mapped copy
     )
 
 

@@ -1,23 +1,39 @@
 """Downloading, checksumming and extracting dataset archives, and "not found" messages.
 
-Everything here writes atomically: a download streams into a temporary file next to
-its destination and is renamed into place only once its md5 matches; an archive is
-extracted into a temporary folder and its top-level entries are renamed into the
-destination only when extraction finished. An interrupted download or extraction
-never leaves a half-written dataset that would later look complete.
+Everything here writes atomically: a download streams into a partial file in the cache
+dir (``<cache>/downloads/``) and is moved into place only once its md5 matches; an archive
+is extracted into a temporary folder and its top-level entries are renamed into the
+destination only when extraction finished. An interrupted download or extraction never
+leaves a half-written dataset that would later look complete, nor an empty folder.
+
+Downloads say what they fetch, from where, how big and where it goes (one line on
+stderr); a dropped connection is retried and resumed from the partial file with an HTTP
+``Range`` request (also by the next call, after a crash), and the md5 is checked over the
+whole file at the end. Two environment variables steer them:
+
+* ``METAFEW_MIRROR``: a base URL (or local folder) holding the official files under their
+  own names (``images_background.zip``, ``pneumoniamnist.npz``, ...), used instead of the
+  official hosts, e.g. behind a firewall. The md5s are checked as usual.
+* ``METAFEW_OFFLINE=1``: never download; a missing dataset raises its "not found" error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import http.client
 import json
 import os
 import shutil
+import sys
 import tarfile
 import tempfile
+import time
+import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ..errors import DatasetError, DatasetNotFoundError
@@ -29,14 +45,21 @@ __all__ = [
     "check_md5_cached",
     "dataset_not_found",
     "download_and_extract",
+    "download_and_extract_all",
     "download_file",
     "extract_archive",
     "forget_md5",
+    "making_dirs",
     "md5sum",
+    "offline",
+    "source_url",
 ]
 
 _CHUNK = 1 << 20
 _USER_AGENT = "metafew (https://github.com/metafew/metafew)"
+_RETRIES = 3  # further attempts after a dropped connection, each resuming the partial file
+_RETRY_WAIT = 1.0  # seconds before the first retry; doubled for each further one
+_OFF = ("", "0", "false", "no", "off")
 
 
 def md5sum(path: str | os.PathLike[str]) -> str:
@@ -106,37 +129,250 @@ def forget_md5(path: str | os.PathLike[str]) -> None:
         pass
 
 
-def download_file(url: str, dest: str | os.PathLike[str], md5: str | None = None, *, timeout: float = 60.0) -> Path:
-    """Stream ``url`` to ``dest`` (atomically), checking its md5 when given.
+def offline() -> bool:
+    """Whether ``$METAFEW_OFFLINE`` forbids downloading (any value but empty/0/false/no/off)."""
+    return os.environ.get("METAFEW_OFFLINE", "").strip().lower() not in _OFF
 
-    The bytes go to a hidden temporary file in ``dest``'s folder and are hashed while
-    they stream; on a checksum mismatch the temporary file is deleted and a
-    :class:`DatasetError` names the file, the expected and the actual md5.
+
+def source_url(url: str) -> str:
+    """Where ``url`` is fetched from: itself, or the file of the same name under ``$METAFEW_MIRROR``.
+
+    The mirror is a base URL (``https://mirror.example/metafew``) or a local folder
+    (``/mnt/datasets``) holding the official files under their own names.
+
+    >>> import os; os.environ["METAFEW_MIRROR"] = "http://127.0.0.1:8000/data/"
+    >>> source_url("https://zenodo.org/record/6496656/files/breastmnist.npz?download=1")
+    'http://127.0.0.1:8000/data/breastmnist.npz'
+    >>> del os.environ["METAFEW_MIRROR"]
+    """
+    mirror = os.environ.get("METAFEW_MIRROR", "").strip()
+    if not mirror:
+        return url
+    name = _file_name(url)
+    if "://" not in mirror:  # a local folder
+        return Path(mirror).expanduser().absolute().joinpath(name).as_uri()
+    return mirror.rstrip("/") + "/" + urllib.parse.quote(name)
+
+
+def _file_name(url: str) -> str:
+    return urllib.parse.unquote(urllib.parse.urlsplit(url).path.rstrip("/").split("/")[-1]) or "download"
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "size unknown"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+@contextlib.contextmanager
+def making_dirs(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Create the folder ``path`` (and missing parents) for the ``with`` block; on an error, remove
+    again those of them that this created and that are still empty, so a failed download
+    leaves no empty folder behind."""
+    path = Path(path)
+    missing = []
+    p = path
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        for d in missing:  # deepest first
+            try:
+                d.rmdir()  # only an empty folder
+            except OSError:
+                break
+        raise
+
+
+class _Dropped(ConnectionError):
+    """The server closed the connection before sending the whole file."""
+
+
+def _partial_path(source: str, name: str, md5: str | None) -> Path:
+    key = (md5 or hashlib.sha1(source.encode()).hexdigest())[:12].lower()
+    return cache_dir() / "downloads" / f"{key}-{name}.partial"
+
+
+def _fetch(source: str, partial: Path, timeout: float, into: Path, name: str) -> None:
+    """Append ``source`` to ``partial`` from its current size (a ``Range`` request), until complete."""
+    offset = partial.stat().st_size if partial.is_file() else 0
+    headers = {"User-Agent": _USER_AGENT}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(source, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and offset:
+            if (e.headers.get("Content-Range") or "").endswith(f"/{offset}"):
+                return None  # the partial file is already whole (its md5 says whether it is right)
+            partial.unlink()  # longer than the file: not a prefix of it, start again
+            return _fetch(source, partial, timeout, into, name)
+        raise
+    with response:
+        status = getattr(response, "status", None) or response.getcode()
+        length = response.headers.get("Content-Length")
+        size = int(length) if length and length.isdigit() else None
+        total = None
+        if offset and status == 206:
+            total_text = (response.headers.get("Content-Range") or "").rpartition("/")[2]
+            total = int(total_text) if total_text.isdigit() else (offset + size if size is not None else None)
+        else:
+            offset = 0  # a full answer (the server ignores Range, or a fresh start)
+            total = size
+        if offset:
+            print(f"resuming {name} from {source} at {_size(offset)} of {_size(total)} to {into}", file=sys.stderr)
+        else:
+            print(f"downloading {name} from {source} ({_size(total)}) to {into}", file=sys.stderr)
+        done = offset
+        with (
+            open(partial, "ab" if offset else "wb") as out,
+            progress(
+                total=total, initial=offset, desc=f"downloading {name}", unit="B", unit_scale=True, unit_divisor=1024
+            ) as bar,
+        ):
+            for block in iter(lambda: response.read(_CHUNK), b""):
+                out.write(block)
+                done += len(block)
+                bar.update(len(block))
+    if total is not None and done < total:
+        raise _Dropped(f"connection closed after {_size(done)} of {_size(total)}")
+
+
+def _retryable(e: BaseException) -> bool:
+    if isinstance(e, urllib.error.HTTPError):
+        return e.code >= 500 or e.code in (408, 429)
+    return isinstance(e, (ConnectionError, TimeoutError, http.client.HTTPException)) or (
+        isinstance(e, urllib.error.URLError) and isinstance(e.reason, (ConnectionError, TimeoutError))
+    )
+
+
+@contextlib.contextmanager
+def _one_downloader(partial: Path, name: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``partial``'s download, so two processes never append to one file.
+
+    The lock file is removed when done (while still held); a waiter that then gets the
+    lock of a removed file opens the current one again.
+    """
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    path = partial.with_name(partial.name + ".lock")
+    while True:
+        lock = open(path, "a")  # closed below, which releases the lock
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            print(f"waiting for another metafew process that is downloading {name}", file=sys.stderr)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            current = os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        lock.close()
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        lock.close()  # releases the lock
+
+
+def _place(src: Path, dest: Path) -> None:
+    """Move a finished download into place atomically, also across file systems."""
+    try:
+        os.replace(src, dest)
+        return
+    except OSError:
+        pass
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    src.unlink(missing_ok=True)
+
+
+def download_file(
+    url: str,
+    dest: str | os.PathLike[str],
+    md5: str | None = None,
+    *,
+    timeout: float = 60.0,
+    into: str | os.PathLike[str] | None = None,
+    retries: int | None = None,
+) -> Path:
+    """Fetch ``url`` to ``dest`` (atomically), checking its md5 when given; resumable.
+
+    Prints one line saying what is downloaded, from where, how big and where it goes
+    (``into``, default ``dest``). The bytes go to a partial file in ``<cache>/downloads/``;
+    a dropped connection is retried ``retries`` times (default 3), each resuming from the
+    partial file with a ``Range`` request, and a partial file left by an earlier failed
+    call is resumed too. The md5 is checked over the whole file at the end: on a mismatch
+    the partial file is deleted (a resumed one is fetched once more from the start) and a
+    :class:`DatasetError` names the file, the source, the expected and the actual md5.
+    ``$METAFEW_MIRROR`` replaces the host (:func:`source_url`); ``$METAFEW_OFFLINE`` refuses
+    with a :class:`DatasetNotFoundError`. A folder this creates is removed again on failure.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial")
-    tmp = Path(tmp_name)
-    h = hashlib.md5()
-    try:
-        request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as response:
-            total = response.headers.get("Content-Length")
-            size = int(total) if total and total.isdigit() else None
-            with progress(
-                total=size, desc=f"downloading {dest.name}", unit="B", unit_scale=True, unit_divisor=1024
-            ) as bar:
-                for block in iter(lambda: response.read(_CHUNK), b""):
-                    out.write(block)
-                    h.update(block)
-                    bar.update(len(block))
-        if md5 is not None and h.hexdigest() != md5.lower():
-            raise _mismatch(dest.name, md5, h.hexdigest(), url)
-        os.replace(tmp, dest)
-    except OSError as e:  # URLError, HTTPError and disk errors are all OSErrors
-        raise DatasetError(f"could not download {url} to {dest}: {e}") from e
-    finally:
-        tmp.unlink(missing_ok=True)
+    shown = Path(into) if into is not None else dest
+    if offline():
+        raise DatasetNotFoundError(
+            f"{shown} is missing and METAFEW_OFFLINE is set, so {_file_name(url)} is not downloaded from {url}; "
+            "unset METAFEW_OFFLINE, or point METAFEW_DATA (or --data-root) at a folder that already has it"
+        )
+    source = source_url(url)
+    name = _file_name(url)
+    partial = _partial_path(source, name, md5)
+    attempts = 1 + (_RETRIES if retries is None else retries)
+    with making_dirs(dest.parent), _one_downloader(partial, name):
+        try:
+            restarted = False
+            failures = 0
+            while True:
+                resumed = partial.is_file() and partial.stat().st_size > 0
+                try:
+                    _fetch(source, partial, timeout, shown, name)
+                except (OSError, http.client.HTTPException) as e:
+                    failures += 1
+                    if not _retryable(e) or failures >= attempts:
+                        raise
+                    wait = _RETRY_WAIT * 2 ** (failures - 1)
+                    print(f"{name}: {e}; retrying in {wait:g} s", file=sys.stderr)
+                    time.sleep(wait)
+                    continue
+                if md5 is not None:
+                    actual = md5sum(partial)
+                    if actual != md5.lower():
+                        partial.unlink(missing_ok=True)
+                        if resumed and not restarted:  # the old partial file may not belong: once from zero
+                            restarted = True
+                            continue
+                        raise DatasetError(
+                            f"checksum mismatch for {name} downloaded from {source}: expected md5 {md5}, "
+                            f"got {actual}; the download was discarded and nothing was written to {shown} - "
+                            "try again, or check that the source (METAFEW_MIRROR) serves the official file"
+                        )
+                break
+            _place(partial, dest)
+        except (OSError, http.client.HTTPException) as e:  # URLError, HTTPError and disk errors are OSErrors
+            kept = " (the partial download is kept and resumes next time)" if partial.is_file() else ""
+            raise DatasetError(
+                f"could not download {source} to {shown}: {e}{kept}; check the network or set METAFEW_MIRROR, "
+                "or point METAFEW_DATA (or --data-root) at a folder that already has it"
+            ) from e
     return dest
 
 
@@ -186,19 +422,41 @@ def extract_archive(archive: str | os.PathLike[str], dest_dir: str | os.PathLike
 
 
 def download_and_extract(url: str, md5: str | None, dest_dir: str | os.PathLike[str]) -> list[Path]:
-    """Download an archive to a temporary file in ``dest_dir``, check its md5, extract it there.
+    """Download an archive (resumable, see :func:`download_file`), check its md5, extract it into ``dest_dir``.
 
-    Returns the extracted top-level entries. The archive itself is deleted afterwards.
+    Returns the extracted top-level entries. The archive itself is deleted afterwards; on
+    a failure ``dest_dir`` is left as it was (a folder this created is removed again).
+    """
+    return download_and_extract_all([(url, md5)], dest_dir)
+
+
+def download_and_extract_all(
+    archives: Sequence[tuple[str, str | None]], dest_dir: str | os.PathLike[str]
+) -> list[Path]:
+    """Download every ``(url, md5)`` archive first, then extract them all into ``dest_dir``.
+
+    A dataset shipped as several archives (Omniglot's two image sets) is thus extracted
+    only when all of them arrived intact: a failed download or checksum leaves nothing
+    extracted and no empty folder. Returns the extracted top-level entries.
     """
     dest_dir = Path(dest_dir)
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    name = url.rstrip("/").split("/")[-1].split("?")[0] or "archive"
-    tmp_dir = Path(tempfile.mkdtemp(dir=dest_dir, prefix=".download-"))
-    try:
-        archive = download_file(url, tmp_dir / name, md5)
-        return extract_archive(archive, dest_dir)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+    entries: list[Path] = []
+    with making_dirs(dest_dir):
+        work = cache_dir() / "downloads"
+        work.mkdir(parents=True, exist_ok=True)
+        fetched: list[Path] = []
+        try:
+            for url, md5 in archives:
+                staging = Path(tempfile.mkdtemp(dir=work, prefix=".archive-"))
+                fetched.append(staging)
+                download_file(url, staging / _file_name(url), md5, into=dest_dir)
+            for staging in fetched:
+                for archive in staging.iterdir():
+                    entries.extend(extract_archive(archive, dest_dir))
+        finally:
+            for staging in fetched:
+                shutil.rmtree(staging, ignore_errors=True)
+    return entries
 
 
 def dataset_not_found(
@@ -221,11 +479,12 @@ def dataset_not_found(
     paths = [str(Path(p).expanduser().absolute()) for p in looked]
     where = paths[0] + (f" (also tried {', '.join(paths[1:])})" if len(paths) > 1 else "")
     urls = [url] if isinstance(url, str) else list(url)
-    how = (
-        f"pass download=True or run `metafew data download {cli_name}`, or "
-        if can_download
-        else "download it yourself, or "
-    )
+    if can_download and offline():
+        how = f"unset METAFEW_OFFLINE and pass download=True or run `metafew data download {cli_name}`, or "
+    elif can_download:
+        how = f"pass download=True or run `metafew data download {cli_name}`, or "
+    else:
+        how = "download it yourself, or "
     return DatasetNotFoundError(
         f"{title} not found: looked for {where}. To get it, {how}point METAFEW_DATA "
         f"(or --data-root) at a folder that already has it. Official source: {' and '.join(urls)}"

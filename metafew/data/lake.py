@@ -16,16 +16,17 @@ from __future__ import annotations
 import os
 import re
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import DatasetError
-from ..paths import data_root
+from ..paths import data_candidates, find_data
 from .base import cache_key, cached_array
 from .decode import decode_drawing
-from .download import check_md5_cached, dataset_not_found, download_file
+from .download import check_md5_cached, dataset_not_found, download_file, offline
 from .episodes import Episode, EpisodeSet
 from .normalize import Normalize
 from .omniglot import OMNIGLOT_MEAN, OMNIGLOT_STD
@@ -40,25 +41,27 @@ _VERSION = "lake-runs-v1"  # bump when the decode changes
 _LINE = re.compile(r"^(run\d+)/test/item(\d+)\.png\s+(run\d+)/training/class(\d+)\.png$")
 
 
+_LAYOUTS = (
+    "omniglot/one-shot-classification/all_runs.zip",
+    "omniglot-py/one-shot-classification/all_runs.zip",
+    "one-shot-classification/all_runs.zip",
+)
+
+
 def _candidates(root: str | os.PathLike[str] | None) -> list[Path]:
-    r = data_root(root)
-    return [
-        r / "omniglot" / "one-shot-classification" / "all_runs.zip",
-        r / "omniglot-py" / "one-shot-classification" / "all_runs.zip",
-        r / "one-shot-classification" / "all_runs.zip",
-    ]
+    return data_candidates(root, _LAYOUTS)
 
 
 def find_lake_runs(root: str | os.PathLike[str] | None = None) -> Path | None:
-    """Path of ``all_runs.zip`` under the data root, or None."""
-    return next((c for c in _candidates(root) if c.is_file()), None)
+    """Path of ``all_runs.zip`` under a data root (:func:`metafew.paths.data_roots`), or None."""
+    return find_data(root, _LAYOUTS, Path.is_file)
 
 
 def locate_lake_runs(root: str | os.PathLike[str] | None = None, download: bool = False) -> Path:
     """Path of a checked ``all_runs.zip``, downloading it when missing and ``download`` is set."""
     path = find_lake_runs(root)
     if path is None:
-        if not download:
+        if not download or offline():
             raise dataset_not_found(
                 "Omniglot one-shot runs (all_runs.zip)", _candidates(root), "omniglot", LAKE_RUNS_URL
             )
@@ -99,9 +102,21 @@ def _read_images(path: Path, size: int) -> np.ndarray:
         for r in range(N_RUNS):
             run = f"run{r + 1:02d}"
             for j in range(N_WAY):
-                out[r, j] = decode_drawing(z.read(f"{run}/training/class{j + 1:02d}.png"), size)
-                out[r, N_WAY + j] = decode_drawing(z.read(f"{run}/test/item{j + 1:02d}.png"), size)
+                out[r, j] = _decode_member(z, path, f"{run}/training/class{j + 1:02d}.png", size)
+                out[r, N_WAY + j] = _decode_member(z, path, f"{run}/test/item{j + 1:02d}.png", size)
     return out
+
+
+def _decode_member(z: zipfile.ZipFile, path: Path, member: str, size: int) -> np.ndarray:
+    """One drawing of the zip; a missing or corrupt member is a one-line error naming it."""
+    try:
+        return decode_drawing(z.read(member), size)
+    except KeyError:
+        raise DatasetError(f"{path}: {member} is missing; not the official all_runs.zip?") from None
+    except (zipfile.BadZipFile, zlib.error, OSError, ValueError, SyntaxError) as e:
+        raise DatasetError(
+            f"{path}: {member} is not a readable image ({e}); the archive is corrupt - delete it and download it again"
+        ) from None
 
 
 def lake_runs(root: str | os.PathLike[str] | None = None, download: bool = False, image_size: int = 28) -> EpisodeSet:

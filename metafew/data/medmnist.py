@@ -26,9 +26,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..errors import DatasetError
-from ..paths import cache_dir, data_root
+from ..paths import cache_dir, data_candidates, find_data
 from .base import FewShotDataset
-from .download import check_md5_cached, dataset_not_found, download_file, forget_md5
+from .download import check_md5_cached, dataset_not_found, download_file, forget_md5, offline
 from .normalize import channel_stats
 from .registry import DatasetSpec, register_dataset
 
@@ -192,13 +192,12 @@ UNSUPPORTED = {
 
 
 def _candidates(name: str, root: str | os.PathLike[str] | None) -> list[Path]:
-    r = data_root(root)
-    return [r / "medmnist" / f"{name}.npz", r / f"{name}.npz"]
+    return data_candidates(root, (f"medmnist/{name}.npz", f"{name}.npz"))
 
 
 def find_medmnist(name: str, root: str | os.PathLike[str] | None = None) -> Path | None:
-    """Path of ``<name>.npz`` under the data root, or None."""
-    return next((c for c in _candidates(name, root) if c.is_file()), None)
+    """Path of ``<name>.npz`` under a data root (:func:`metafew.paths.data_roots`), or None."""
+    return find_data(root, (f"medmnist/{name}.npz", f"{name}.npz"), Path.is_file)
 
 
 def locate_medmnist(name: str, root: str | os.PathLike[str] | None = None, download: bool = False) -> Path:
@@ -207,7 +206,7 @@ def locate_medmnist(name: str, root: str | os.PathLike[str] | None = None, downl
     info = _info(name)
     path = find_medmnist(name, root)
     if path is None:
-        if not download:
+        if not download or offline():
             raise dataset_not_found(f"MedMNIST {name}", _candidates(name, root), name, info.url(name))
         path = download_file(info.url(name), _candidates(name, root)[0], info.md5)
     check_md5_cached(path, info.md5)

@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import DatasetError
-from ..paths import data_root
+from ..paths import data_candidates, data_root, find_data
 from .base import FewShotDataset, cache_key, cached_array
 from .decode import DECODE_ERRORS, decode_drawing, decode_error_reason, parallel_chunks
-from .download import dataset_not_found, download_and_extract
+from .download import dataset_not_found, download_and_extract_all, offline
 from .registry import DatasetSpec, register_dataset
 
 __all__ = [
@@ -72,17 +72,17 @@ _VERSION = "omniglot-v1"  # bump when the decode changes
 def find_omniglot(root: str | os.PathLike[str] | None = None) -> Path | None:
     """The folder holding ``images_background/`` and ``images_evaluation/``, or None.
 
-    Looks in ``<root>/omniglot``, torchvision's ``<root>/omniglot-py`` and ``<root>`` itself.
+    Looks in ``<root>/omniglot``, torchvision's ``<root>/omniglot-py`` and ``<root>`` itself,
+    for each data root (:func:`metafew.paths.data_roots`).
     """
-    for c in _candidates(root):
-        if all((c / s).is_dir() for s in SETS):
-            return c
-    return None
+    return find_data(root, _LAYOUTS, lambda c: all((c / s).is_dir() for s in SETS))
+
+
+_LAYOUTS = ("omniglot", "omniglot-py", "")
 
 
 def _candidates(root: str | os.PathLike[str] | None) -> list[Path]:
-    r = data_root(root)
-    return [r / "omniglot", r / "omniglot-py", r]
+    return data_candidates(root, _LAYOUTS)
 
 
 def locate_omniglot(root: str | os.PathLike[str] | None = None, download: bool = False) -> Path:
@@ -90,11 +90,9 @@ def locate_omniglot(root: str | os.PathLike[str] | None = None, download: bool =
     found = find_omniglot(root)
     if found is not None:
         return found
-    if download:
+    if download and not offline():  # both zips arrive and pass their md5 before either is extracted
         dest = data_root(root) / "omniglot"
-        for s in SETS:
-            if not (dest / s).is_dir():
-                download_and_extract(OMNIGLOT_URLS[s], OMNIGLOT_MD5[s], dest)
+        download_and_extract_all([(OMNIGLOT_URLS[s], OMNIGLOT_MD5[s]) for s in SETS if not (dest / s).is_dir()], dest)
         return dest
     raise dataset_not_found(
         "Omniglot (images_background/ and images_evaluation/)",
@@ -184,7 +182,7 @@ def _all_images(base: Path, files: tuple[str, ...], image_size: int) -> np.ndarr
             )
         return np.concatenate([arr for arr, _ in chunks])
 
-    return cached_array(f"omniglot-{image_size}", key, build)
+    return cached_array(f"omniglot-{image_size}", key, build, sources=base)
 
 
 def split_lines(subset: str) -> list[str]:
@@ -205,8 +203,9 @@ def Omniglot(
     Args:
         subset: ``train``/``val``/``test``/``trainval`` (vinyals) or ``background``/``evaluation`` (lake).
         split: ``"vinyals"`` (rotated characters as classes) or ``"lake"``.
-        root: data root (default ``$METAFEW_DATA``); the images are in ``<root>/omniglot/``.
-        download: fetch the official zips when the images are missing.
+        root: data root (default ``$METAFEW_DATA``, else ``~/.cache/metafew/data``); the images are in
+            ``<root>/omniglot/``.
+        download: fetch the official zips (md5-checked, resumable) into ``<root>/omniglot/`` when missing.
         image_size: side of the square images (28 is the standard).
     """
     if split not in SUBSETS:
@@ -263,6 +262,7 @@ def Omniglot(
         image_size=(image_size, image_size),
         mean=OMNIGLOT_MEAN,
         std=OMNIGLOT_STD,
+        cache_key=cache_key(_VERSION, image_size, files, split, names),  # names the memory-mapped copy
     )
 
 

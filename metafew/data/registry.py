@@ -29,7 +29,7 @@ from typing import Any
 from ..errors import ConfigError, DatasetError, DatasetNotFoundError
 from ..paths import data_root
 from ..registry import Registry, did_you_mean
-from .base import FewShotDataset
+from .base import FewShotDataset, Storage
 
 __all__ = [
     "DATASETS",
@@ -175,6 +175,7 @@ def load_dataset(
     subset: str | None = None,
     root: Root = None,
     download: bool = False,
+    storage: Storage = "auto",
     **options: Any,
 ) -> FewShotDataset:
     """Load a dataset by name (see :func:`available_datasets`).
@@ -183,8 +184,12 @@ def load_dataset(
         name: a registered name (``omniglot``, ``omniglot-lake``, a MedMNIST name,
             ``caltech101``, ...) or ``folder:PATH``.
         subset: a class split/subset (default: the dataset's ``default_subset``, e.g. ``train``).
-        root: data root (default ``$METAFEW_DATA``, else ``~/.cache/metafew/data``).
-        download: fetch missing official files (not for ``folder:``).
+        root: data root (default ``$METAFEW_DATA``, else ``~/.cache/metafew/data``; see
+            :func:`metafew.paths.data_root`).
+        download: fetch missing official files into the data root, md5-checked and resumable
+            (not for ``folder:``; ``$METAFEW_MIRROR`` fetches them elsewhere, ``$METAFEW_OFFLINE`` refuses).
+        storage: ``"auto"`` (memory-map when larger than ``$METAFEW_MEMORY_BUDGET``), ``"memory"``
+            or ``"mmap"``; see :class:`FewShotDataset`.
         options: dataset-specific options, e.g. ``image_size`` (see ``DatasetSpec.options``).
 
     >>> ds = load_dataset("omniglot", "val")
@@ -198,7 +203,9 @@ def load_dataset(
     spec, extra = _lookup(name)
     subset = _check_subset(spec, subset)
     _check_options(spec, options)
-    return spec.load(subset, root, download, **extra, **options)
+    dataset = spec.load(subset, root, download, **extra, **options)
+    dataset.storage = storage  # checked by the setter
+    return dataset
 
 
 def download_dataset(name: str, root: Root = None) -> list[Path]:

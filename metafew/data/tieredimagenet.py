@@ -1,0 +1,266 @@
+"""tieredImageNet (Ren et al. 2018): 608 ImageNet classes grouped into 34 super-categories.
+
+The split is by super-category, so test classes are far from training ones: ``train`` has
+351 classes (20 super-categories), ``val`` 97 (6), ``test`` 160 (8), 779,165 images in all.
+The class lists ship with metafew (``metafew/data/splits/tiered-imagenet/*.txt``, Ren et
+al.'s ``tiered_imagenet_split`` CSVs: ``class wnid,super-category wnid``).
+
+There is no official download any more; metafew reads the files of Ren et al.'s release
+(``tiered-imagenet.tar``) from ``<root>/tiered-imagenet`` (also ``tieredimagenet``,
+``tiered_imagenet``, ``tieredImageNet``), for each subset:
+
+* ``{subset}_labels.pkl``: a dict with ``label_specific`` (class index of every image),
+  ``label_general`` (super-category index), ``label_specific_str`` and
+  ``label_general_str`` (their WordNet ids);
+* the images, either as released, ``{subset}_images_png.pkl`` (a list of 84x84 PNG
+  encodings, one per image), or as the ``{subset}_images.npz`` (``images``, uint8
+  ``N x 84 x 84 x 3``) that Ren et al.'s ``decompress`` makes from it with OpenCV and that
+  many code bases read instead. That array is in OpenCV's BGR order; metafew flips it to RGB
+  (``npz_order="rgb"`` for an npz written in RGB). When both are there the PNGs are read.
+
+Pickles are read with an unpickler that builds only numpy arrays. The classes found must be
+those of Ren et al.'s split. Images are RGB ``image_size`` squares (84 by default), decoded
+once over all cores and cached; ImageNet mean/std.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import DatasetError, DatasetNotFoundError
+from ..paths import data_candidates, find_data
+from .base import FewShotDataset, cache_key, cached_array
+from .caltech101 import IMAGENET_MEAN, IMAGENET_STD
+from .decode import DECODE_ERRORS, decode_error_reason, parallel_chunks
+from .download import dataset_not_found
+from .packaged import as_text, decode_bytes, file_stamp, load_pickle, resize_array, split_fields, str_keys
+from .registry import DatasetSpec, register_dataset
+
+__all__ = ["LAYOUT", "SUBSETS", "TieredImageNet", "find_tiered_imagenet", "tiered_imagenet_info"]
+
+SUBSETS = ("train", "val", "test")
+PLACES = ("tiered-imagenet", "tieredimagenet", "tiered_imagenet", "tieredImageNet")
+SOURCE = "https://github.com/renmengye/few-shot-ssl-public (tiered-imagenet.tar); images from ImageNet"
+LAYOUT = (
+    "{train,val,test}_labels.pkl (label_specific, label_general, label_specific_str) + "
+    "{train,val,test}_images_png.pkl (list of PNG bytes) or {train,val,test}_images.npz (images N x 84 x 84 x 3)"
+)
+_VERSION = "tiered-imagenet-v1"
+_BLOCK = 1 << 15  # images decoded per round of the process pool
+
+
+def _labels_file(folder: Path, subset: str) -> Path:
+    return folder / f"{subset}_labels.pkl"
+
+
+def _image_files(folder: Path, subset: str) -> tuple[Path, Path]:
+    return folder / f"{subset}_images_png.pkl", folder / f"{subset}_images.npz"
+
+
+def _has_subset(folder: Path, subset: str) -> bool:
+    return _labels_file(folder, subset).is_file() and any(p.is_file() for p in _image_files(folder, subset))
+
+
+def find_tiered_imagenet(root: str | os.PathLike[str] | None = None) -> Path | None:
+    """The tieredImageNet folder (a ``*_labels.pkl`` with its images) under the data roots, or None."""
+    return find_data(root, PLACES, lambda p: p.is_dir() and any(_has_subset(p, s) for s in SUBSETS))
+
+
+def _not_found(root: str | os.PathLike[str] | None, subset: str | None = None) -> DatasetNotFoundError:
+    what = "tieredImageNet" + (f" {subset}" if subset else "")
+    return dataset_not_found(
+        f"{what} ({LAYOUT})", data_candidates(root, PLACES), "tiered-imagenet", SOURCE, can_download=False
+    )
+
+
+def split_table(subset: str) -> dict[str, str]:
+    """``{class wnid: super-category wnid}`` of Ren et al.'s ``subset`` split, in file order."""
+    return {fields[0]: fields[1] for fields in split_fields("tiered-imagenet", subset)}
+
+
+@functools.lru_cache(maxsize=6)
+def _read_labels_cached(path: Path, stamp: tuple[Any, ...], subset: str) -> tuple[np.ndarray, list[str], list[str]]:
+    d = str_keys(load_pickle(path), str(path))
+    try:
+        specific = np.asarray(d["label_specific"], dtype=np.int64).reshape(-1)
+        names = as_text(d["label_specific_str"])
+        general = as_text(d.get("label_general_str", []))
+    except KeyError as e:
+        raise DatasetError(f"{path} lacks {e.args[0]!r}: expected label_specific and label_specific_str") from e
+    if len(specific) and (specific.min() < 0 or specific.max() >= len(names)):
+        raise DatasetError(f"{path}: label_specific falls outside 0..{len(names) - 1}")
+    wanted = split_table(subset)
+    if set(names) != set(wanted):
+        extra, missing = sorted(set(names) - set(wanted)), sorted(set(wanted) - set(names))
+        what = f"class {extra[0]!r} is not" if extra else f"class {missing[0]!r} of the split is missing"
+        raise DatasetError(
+            f"{path}: {what} in Ren et al.'s {subset} split ({len(names)} classes, {len(wanted)} expected)"
+        )
+    return specific, names, general
+
+
+def _read_labels(folder: Path, subset: str) -> tuple[np.ndarray, list[str], list[str]]:
+    """Class index of every image, the class wnids (label order) and the super-category wnids."""
+    path = _labels_file(folder, subset)
+    return _read_labels_cached(path, tuple(file_stamp([path])), subset)
+
+
+def _decode_chunk(items: Sequence[tuple[int, Any]], size: int) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """Worker: ``(position, PNG bytes)`` items to uint8 ``[n, 3, size, size]``; ``(position, reason)`` of bad ones."""
+    out = np.zeros((len(items), 3, size, size), dtype=np.uint8)
+    bad: list[tuple[int, str]] = []
+    for j, (i, data) in enumerate(items):
+        try:
+            out[j] = decode_bytes(data, (size, size), 3)
+        except DECODE_ERRORS as e:
+            bad.append((i, decode_error_reason(e)))
+    return out, bad
+
+
+def _decode_png_pickle(path: Path, n: int, size: int) -> np.ndarray:
+    encoded = load_pickle(path)
+    if not isinstance(encoded, (list, tuple)):
+        raise DatasetError(f"{path}: expected a pickled list of PNG encodings, got {type(encoded).__name__}")
+    if len(encoded) != n:
+        raise DatasetError(f"{path}: {len(encoded)} images but {n} labels")
+    out = np.empty((n, 3, size, size), dtype=np.uint8)  # filled block by block: ~1x the decoded size in memory
+    bad: list[tuple[int, str]] = []
+    for start in range(0, n, _BLOCK):
+        items = list(enumerate(encoded[start : start + _BLOCK], start))
+        chunks = parallel_chunks(
+            functools.partial(_decode_chunk, size=size), items, chunk_size=512, desc="decoding tieredImageNet"
+        )
+        out[start : start + len(items)] = np.concatenate([arr for arr, _ in chunks])
+        bad.extend(b for _, errs in chunks for b in errs)
+    if bad:
+        i, reason = bad[0]
+        more = f" ({len(bad) - 1} more bad image(s))" if len(bad) > 1 else ""
+        raise DatasetError(f"{path}: image {i} could not be decoded ({reason}){more}")
+    return out
+
+
+def _read_npz(path: Path, n: int, size: int, order: str) -> np.ndarray:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            images = z["images"]
+    except (OSError, ValueError, KeyError) as e:
+        raise DatasetError(f"{path}: not a readable npz with an 'images' array ({type(e).__name__}: {e})") from e
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
+        raise DatasetError(f"{path}: images is {images.dtype} {images.shape}, expected uint8 N x H x W x 3")
+    if len(images) != n:
+        raise DatasetError(f"{path}: {len(images)} images but {n} labels")
+    if order == "bgr":
+        images = images[..., ::-1]
+    return resize_array(np.ascontiguousarray(images.transpose(0, 3, 1, 2)), (size, size))
+
+
+def TieredImageNet(
+    subset: str = "train",
+    root: str | os.PathLike[str] | None = None,
+    download: bool = False,
+    image_size: int = 84,
+    npz_order: str = "bgr",
+) -> FewShotDataset:
+    """One subset of tieredImageNet (``train`` 351, ``val`` 97, ``test`` 160 classes) as a :class:`FewShotDataset`.
+
+    Args:
+        subset: ``train``, ``val`` or ``test``.
+        root: data root; the files are in ``<root>/tiered-imagenet/`` (see :data:`LAYOUT`).
+        download: accepted for symmetry; there is no official download, so a missing dataset is a
+            DatasetNotFoundError saying which files to put where.
+        image_size: side of the square RGB images (84 is the standard).
+        npz_order: channel order of a ``{subset}_images.npz``: ``"bgr"`` (Ren et al.'s decompress) or ``"rgb"``.
+    """
+    if subset not in SUBSETS:
+        raise DatasetError(f"unknown tieredImageNet subset {subset!r}; choose one of {', '.join(SUBSETS)}")
+    if not isinstance(image_size, int) or image_size < 1:
+        raise DatasetError(f"image_size must be a positive integer, got {image_size!r}")
+    if npz_order not in ("bgr", "rgb"):
+        raise DatasetError(f"npz_order must be 'bgr' or 'rgb', got {npz_order!r}")
+    folder = find_tiered_imagenet(root)
+    if folder is None:
+        raise _not_found(root)
+    if not _has_subset(folder, subset):
+        raise _not_found(root, subset)
+    specific, names, _ = _read_labels(folder, subset)
+    wanted = list(split_table(subset))
+    remap = np.asarray([wanted.index(n) for n in names], dtype=np.int64)  # label order -> split-file order
+    order = np.argsort(remap[specific], kind="stable")  # group images by class, in split-file order
+    labels = remap[specific][order]
+    png, npz = _image_files(folder, subset)
+    source = png if png.is_file() else npz
+    key = cache_key(_VERSION, image_size, file_stamp([source]), npz_order if source == npz else "png")
+    n = len(specific)
+
+    def build() -> np.ndarray:
+        if source == png:
+            return _decode_png_pickle(png, n, image_size)
+        return _read_npz(npz, n, image_size, npz_order)
+
+    grouped = bool(np.array_equal(order, np.arange(n)))  # Ren et al.'s files are stored class by class
+
+    def load() -> np.ndarray:
+        full = cached_array(f"tiered-imagenet-{subset}-{image_size}", key, build)
+        return full if grouped else full[order]
+
+    return FewShotDataset(
+        f"tiered-imagenet/{subset}",
+        labels,
+        wanted,
+        load,
+        channels=3,
+        image_size=(image_size, image_size),
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    )
+
+
+def tiered_imagenet_info(root: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Cheap facts for ``metafew data info tiered-imagenet``: where it is, which image files each subset
+    has (and their size), classes, super-categories and images per subset (from the label pickles).
+
+    Raises DatasetNotFoundError (naming where it looked and the layout) when it is missing.
+    """
+    looked = [str(p) for p in data_candidates(root, PLACES)]
+    folder = find_tiered_imagenet(root)
+    if folder is None:
+        raise _not_found(root)
+    subsets: dict[str, dict[str, Any]] = {}
+    files: dict[str, str] = {}
+    for s in SUBSETS:
+        png, npz = _image_files(folder, s)
+        if not _has_subset(folder, s):
+            subsets[s] = {"classes": 0, "images": 0}
+            files[s] = f"absent ({_labels_file(folder, s).name} + {png.name} or {npz.name} expected)"
+            continue
+        specific, names, _ = _read_labels(folder, s)
+        source = png if png.is_file() else npz
+        files[s] = f"{source.name}, {source.stat().st_size / 2**20:.0f} MB"
+        supers = len(set(split_table(s).values()))
+        subsets[s] = {"classes": len(names), "images": len(specific), "super_categories": supers}
+    return {"path": str(folder), "layout": LAYOUT, "looked_in": looked, "files": files, "subsets": subsets}
+
+
+def _load(subset: str, root: str | os.PathLike[str] | None, download: bool, **options: Any) -> FewShotDataset:
+    return TieredImageNet(subset, root, download, **options)
+
+
+register_dataset(
+    DatasetSpec(
+        "tiered-imagenet",
+        "tieredImageNet (Ren et al. 2018): 351/97/160 ImageNet classes in 20/6/8 super-categories (84x84 RGB)",
+        SUBSETS,
+        "train",
+        SOURCE,
+        (3, 84, 84),
+        load=_load,
+        info=tiered_imagenet_info,
+        options=("image_size", "npz_order"),
+    )
+)
