@@ -27,6 +27,14 @@ class CheckpointError(MetafewError, ValueError):
     """A checkpoint or model file does not match what it is loaded into."""
 
 
+class InputShapeError(MetafewError, ValueError):
+    """Images fed to a backbone do not have the channels or size it was built for."""
+
+
+class MissingDependencyError(MetafewError, ImportError):
+    """An optional package a feature needs is not installed; the message says how to install it."""
+
+
 class ConfigError(MetafewError, ValueError):
     """A TOML config or CLI option is invalid."""
 

@@ -105,9 +105,16 @@ def test_weight_file_names_match_torchvision() -> None:
 # -- torchvision weights (from local files only) ---------------------------------
 
 
+def _offline(*args: object, **kwargs: object) -> None:
+    import urllib.error
+
+    raise urllib.error.URLError("offline")
+
+
 def test_resnet18_imagenet_weights_absent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("METAFEW_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(torch.hub, "urlopen", _offline)  # never the real network (see test_imagenet_weights.py)
     expected = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     with pytest.raises(CheckpointError) as err:
         create("resnet18", in_channels=3, image_size=84, weights="imagenet")

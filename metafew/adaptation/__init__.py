@@ -9,7 +9,8 @@ gives a model that predicts (``model.predict(paths)``), evaluates on a labelled 
 Modules, each importing only those before it: :mod:`.preprocess`, :mod:`.metrics`,
 :mod:`.outputs`, :mod:`.inputs` (backbone and data), :mod:`.estimate`, :mod:`.model`
 (:class:`AdaptedModel`, :func:`load`), :mod:`.align` (:func:`align_backbone`: MMD, DANN or
-AdaBN alignment to unlabeled images), :mod:`.core` (:func:`adapt`).
+AdaBN alignment to unlabeled images), :mod:`.select` (``backbone="auto"``: the nested choice of
+backbone and method), :mod:`.core` (:func:`adapt`).
 """
 
 from typing import Any

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..data import FewShotDataset
 from ..device import resolve_device
@@ -47,7 +47,7 @@ from .estimate import (
     support_sizes,
 )
 from .inputs import resolve_backbone, resolve_data
-from .model import AdaptedModel
+from .model import AdaptedModel, image_hashes
 
 
 def methods() -> tuple[str, ...]:
@@ -77,7 +77,7 @@ def adapt(
     data: FewShotDataset | str | os.PathLike[str],
     backbone: str | os.PathLike[str] | nn.Module,
     *,
-    method: str = "protonet",
+    method: str | Sequence[str] = "protonet",
     shots: Shots = 5,
     eval_draws: int = 20,
     seed: int = 0,
@@ -97,6 +97,7 @@ def adapt(
     align_steps: int = DEFAULT_STEPS,
     align_source: FewShotDataset | str | None = None,
     transductive: bool = False,
+    candidates: Sequence[str | os.PathLike[str]] | None = None,
     **options: Any,
 ) -> AdaptedModel:
     """Adapt a pretrained backbone to a few labelled images per class, with an honest estimate.
@@ -104,11 +105,18 @@ def adapt(
     Args:
         data: a ``root/<class>/<image>`` folder, a dataset name (its train split is the
             labelled pool: ``"pneumoniamnist"``), or a FewShotDataset.
-        backbone: a backbone checkpoint (:func:`metafew.checkpoint.save_backbone`), or a
-            module from :func:`metafew.backbones.create` with ``mean``/``std``.
+        backbone: a backbone checkpoint (:func:`metafew.checkpoint.save_backbone`), a
+            module from :func:`metafew.backbones.create` with ``mean``/``std``, or
+            ``"auto"``: try every shipped backbone and those in ``candidates`` under each
+            ``method``, choose on an inner split of the labelled images, nested in the
+            estimate so that the choice never sees the images it is scored on
+            (:mod:`metafew.adaptation.select`); ``model.report.selection`` says what was
+            tried, what each scored and what was chosen.
         method: ``"protonet"`` (class-mean prototypes), ``"maml"`` (a few SGD steps of the
             whole network from Proto-MAML's head), ``"finetune"`` (a new linear head), or
-            any registered learner declaring ``adapt_defaults`` (:func:`methods`).
+            any registered learner declaring ``adapt_defaults`` (:func:`methods`). With
+            ``backbone="auto"``: a list (or comma-separated string) of methods to try
+            (default ``"protonet"``, the cheap one).
         shots: support images per class for the final model (a class with fewer uses all of
             them, with a warning), or ``"all"``: every image.
         eval_draws: support draws of the estimate (0: no estimate). 20 by default, which
@@ -144,7 +152,9 @@ def adapt(
         transductive: let the unlabeled pool include labelled images (which the estimate
             scores). By default any unlabeled image that is also a labelled one (same file,
             or same pixels) is left out, so the estimate stays honest; the report says which.
-        **options: learner options, e.g. ``steps=200`` for finetune, ``test_inner_lr=0.05``.
+        candidates: with ``backbone="auto"``, backbone files or names tried besides the shipped ones.
+        **options: learner options, e.g. ``steps=200`` for finetune, ``test_inner_lr=0.05``
+            (with several methods, each gets those its learner accepts).
 
     Returns:
         An :class:`AdaptedModel`; ``model.report`` holds the estimate.
@@ -157,6 +167,20 @@ def adapt(
     >>> model.classes, model.report.draws, len(model.predict(images[:3]))
     (['a', 'b'], 2, 3)
     """
+    if isinstance(backbone, str) and backbone.strip().lower() == "auto":
+        if align is not None or unlabeled is not None:
+            raise ConfigError("backbone='auto' cannot be combined with align: choose a backbone to align")
+        if mean is not None or std is not None:
+            raise ConfigError("backbone='auto' tries checkpoints, which record their mean/std: leave mean/std out")
+        return _adapt_auto(
+            data, method, candidates, shots=shots, eval_draws=eval_draws, seed=seed, device=device,
+            skip_bad=skip_bad, query_bn=query_bn, bn_stats=bn_stats, max_eval=max_eval, batch_size=batch_size,
+            data_root=data_root, progress=progress, calibrate=calibrate, options=options,
+        )  # fmt: skip
+    if candidates is not None:
+        raise ConfigError("candidates= lists backbones for backbone='auto' to try; give backbone='auto'")
+    if not isinstance(method, str):
+        raise ConfigError("several methods are tried only with backbone='auto'; give one method")
     method = method.lower()
     if method not in methods():
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(methods())}")
@@ -218,14 +242,7 @@ def adapt(
     support, _ = draw_support(labels, final_k, generator(seed, "final"))
     bn = deployment_policy(learner, bn_stats, query_bn)
     classifier = adapt_on(learner, images, labels, support, prep, dev, derive_seed(seed, "adapt-final"), bn)
-    support_record = {
-        "data": ds.name,
-        "folder": str(folder) if folder else None,
-        "indices": sorted(support.tolist()),
-        "per_class": {c: int(k) for c, k in zip(ds.classes, final_k)},
-        "seed": seed,
-        "bn_stats": bn_stats,
-    }
+    support_record = _support_record(ds, folder, support, final_k, seed, bn_stats)
     return AdaptedModel(
         classifier,
         classes=ds.classes,
@@ -236,6 +253,96 @@ def adapt(
         backbone_info=backbone_info,
         report=report,
         support=support_record,
+        device=dev,
+    )
+
+
+def _support_record(
+    ds: FewShotDataset, folder: Path | None, support: Tensor, final_k: Sequence[int], seed: int, bn_stats: str
+) -> dict[str, Any]:
+    """What the final model was adapted on, saved with it (``sha1``: see :func:`.model.image_hashes`)."""
+    order = sorted(support.tolist())
+    return {
+        "data": ds.name,
+        "folder": str(folder) if folder else None,
+        "indices": order,
+        "per_class": {c: int(k) for c, k in zip(ds.classes, final_k)},
+        "seed": seed,
+        "bn_stats": bn_stats,
+        "sha1": image_hashes(ds.images[torch.tensor(order, dtype=torch.long)]),
+    }
+
+
+def _adapt_auto(
+    data: FewShotDataset | str | os.PathLike[str], method: str | Sequence[str] | None,
+    candidates: Sequence[str | os.PathLike[str]] | None, *, shots: Shots, eval_draws: int, seed: int,
+    device: str | torch.device, skip_bad: bool, query_bn: QueryBN, bn_stats: BNStats | None, max_eval: int | None,
+    batch_size: int, data_root: Any, progress: Callable[[int, int], None] | None, calibrate: bool,
+    options: dict[str, Any],
+) -> AdaptedModel:  # fmt: skip
+    """:func:`adapt` with ``backbone="auto"``: the nested choice (:mod:`.select`), its estimate and the model."""
+    from .select import Selection, candidate_backbones, folds_for, parse_methods
+
+    tried = parse_methods(None if method in (None, "auto") else method, methods())
+    if not isinstance(eval_draws, int) or eval_draws < 0:
+        raise ConfigError(f"eval_draws must be a non-negative integer, got {eval_draws!r}")
+    bn_stats = bn_stats or "support"
+    if bn_stats not in ("support", "backbone"):
+        raise ConfigError(f"bn_stats must be 'support' or 'backbone', got {bn_stats!r}")
+    if query_bn not in ("support", "batch"):
+        raise ConfigError(f"query_bn must be 'support' or 'batch', got {query_bn!r}")
+    dev = resolve_device(device)
+    folder = (
+        Path(data).expanduser().resolve()
+        if isinstance(data, (str, os.PathLike)) and Path(data).expanduser().is_dir()
+        else None
+    )
+    stored = folder_channels(folder) if folder is not None else None
+
+    def note(channels: int) -> str | None:
+        data_channels = stored if folder is not None else (data.channels if isinstance(data, FewShotDataset) else None)
+        if channel_mismatch(data_channels, channels) is None:
+            return None
+        return "colour images converted to grayscale" if channels == 1 else "grayscale images repeated to RGB"
+
+    sel = Selection(
+        data, candidate_backbones(candidates), tried, default_options={m: default_options(m) for m in tried},
+        options=options, device=dev, data_root=data_root, skip_bad=skip_bad, bn_stats=bn_stats,
+        query_bn=query_bn, seed=seed, batch_size=batch_size, channels_of=note,
+    )  # fmt: skip
+    ds = sel.dataset
+    assert ds is not None
+    if len(ds) == 0:
+        raise DatasetError(f"{ds.name}: no images")
+    counts = ds.class_counts().tolist()
+    draw_k, final_k, _ = support_sizes(counts, shots, ds.classes)
+    chosen = sel.choose_all()  # on every labelled image: the model's choice (and a probe of each candidate)
+    report = estimate(
+        chosen.learner, chosen.images, ds.labels, ds.classes, chosen.prep,
+        method=chosen.method, shots=shots, draws=eval_draws, seed=seed, device=dev, query_bn=query_bn,
+        max_eval=max_eval, batch_size=batch_size, progress=progress, calibrate=calibrate, bn_stats=bn_stats,
+        choose=sel.choose, calibrate_on=chosen.name,
+    )  # fmt: skip
+    report.selection = sel.report(chosen, folds_for(draw_k if eval_draws else counts))
+    mismatch = channel_mismatch(stored if folder is not None else ds.channels, chosen.prep.channels)
+    if mismatch:
+        report.warnings.append(mismatch)
+        warnings.warn(mismatch, AdaptationWarning, stacklevel=3)
+    support, _ = draw_support(ds.labels, final_k, generator(seed, "final"))
+    bn = deployment_policy(chosen.learner, bn_stats, query_bn)
+    classifier = adapt_on(
+        chosen.learner, chosen.images, ds.labels, support, chosen.prep, dev, derive_seed(seed, "adapt-final"), bn
+    )
+    return AdaptedModel(
+        classifier,
+        classes=ds.classes,
+        temperature=report.temperature if calibrate and report.temperature is not None else 1.0,
+        preprocessing=chosen.prep,
+        method=chosen.method,
+        options=chosen.options,
+        backbone_info={**chosen.info, "chosen_by": "auto"},
+        report=report,
+        support=_support_record(ds, folder, support, final_k, seed, bn_stats),
         device=dev,
     )
 

@@ -9,7 +9,10 @@ e.g. the official MedMNIST test split). It reports, across draws:
 
 * accuracy and balanced accuracy: mean, 95% confidence interval of the mean, and the
   2.5-97.5th percentile range of single draws (how much one support draw, such as the
-  final model's, can vary);
+  final model's, can vary), and a test-set bootstrap interval (1,000 resamples of the
+  scored images, :func:`.metrics.bootstrap_draws_interval`): the draw interval covers
+  the support draws only, with one backbone and the user's images as the only test
+  set; the bootstrap adds that test set's own sampling error;
 * macro one-vs-rest AUC: the same;
 * per-class recall and the confusion matrix, both pooled (summed) over draws;
 * two baselines that need no backbone (:mod:`.baselines`), scored on the same support
@@ -45,7 +48,7 @@ from ..learners import Classifier, Learner
 from ..learners.bn import BNPolicy
 from ..seeding import derive_seed, generator, seeded
 from .baselines import BASELINES, FUNCTIONS
-from .metrics import Metrics, compute_metrics, mean_ci95, plot_confusion
+from .metrics import BOOTSTRAP_RESAMPLES, Metrics, bootstrap_draws_interval, compute_metrics, mean_ci95, plot_confusion
 from .outputs import REPORT_FORMAT, check_output, write_text
 from .preprocess import Preprocessing
 
@@ -159,17 +162,33 @@ def fit_temperature(logits: Tensor, labels: Tensor) -> float:
     return float(fine[nll(fine).argmin()].exp())
 
 
+@dataclass
+class DrawChoice:
+    """What one estimate draw adapts and scores, chosen from its support images (see ``estimate(choose=)``)."""
+
+    name: str
+    learner: Learner
+    images: Tensor  # the labelled pool decoded for this backbone, in the pool's order
+    prep: Preprocessing
+    bn: BNPolicy
+
+
 # -- the report ----------------------------------------------------------------------
 
 
 @dataclass
 class Summary:
-    """A metric across draws: mean, 95% CI half-width of the mean, and 2.5/97.5th percentiles of single draws."""
+    """A metric across draws: mean, 95% CI half-width of the mean, and 2.5/97.5th percentiles of single draws.
+
+    ``test_bootstrap``: the percentile 95% interval of the mean over 1,000 bootstrap
+    resamples of the scored images (the test set's own sampling error), when computed.
+    """
 
     mean: float
     ci95: float
     low: float
     high: float
+    test_bootstrap: tuple[float, float] | None = None
 
     @classmethod
     def of(cls, values: Sequence[float | None]) -> Summary | None:
@@ -181,7 +200,13 @@ class Summary:
         return cls(mean, ci, float(lo), float(hi))
 
     def __str__(self) -> str:
-        return f"{self.mean:.3f} ± {self.ci95:.3f} (single draws {self.low:.3f}-{self.high:.3f})"
+        text = f"{self.mean:.3f} ± {self.ci95:.3f}"
+        if self.test_bootstrap is not None:
+            lo, hi = self.test_bootstrap
+            text += f" (test-set bootstrap {lo:.3f}-{hi:.3f}; 2.5-97.5% of single draws {self.low:.3f}-{self.high:.3f})"
+        else:
+            text += f" (2.5-97.5% of single draws {self.low:.3f}-{self.high:.3f})"
+        return text
 
 
 @dataclass
@@ -212,6 +237,9 @@ class AdaptationReport:
     # baseline, paired over draws: {metric: {"mean", "ci95"}}), "per_draw"}; None: not scored (older reports)
     baselines: dict[str, dict[str, Any]] | None = None
     warnings: list[str] = field(default_factory=list)  # about the data and the backbone (e.g. channel mismatch)
+    # backbone="auto": {"candidates": [{"name", "backbone", "method", "inner_score", "chosen_in_draws",
+    # "inner_score_draws", "note"}], "chosen": name, "inner": how the inner score is measured, "metric"}
+    selection: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -222,6 +250,8 @@ class AdaptationReport:
         d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         for k in ("accuracy", "balanced_accuracy", "auc"):
             d[k] = Summary(**d[k]) if d.get(k) else None
+            if d[k] is not None and d[k].test_bootstrap is not None:
+                d[k].test_bootstrap = tuple(d[k].test_bootstrap)
         return cls(**d)
 
     def summary(self) -> str:
@@ -239,10 +269,9 @@ class AdaptationReport:
                 lines.append(f"balanced accuracy  {self.balanced_accuracy}")
             lines.append(f"AUC                {self.auc if self.auc is not None else 'n/a'}")
             lines.append("recall             " + ", ".join(f"{c} {_f(r)}" for c, r in self.recall.items()))
-            lines.append(
-                f"(± is the 95% CI of the mean over draws; each draw scored {self.scored_per_draw:.0f} images; "
-                "with few images, expect a new population to differ by more)"
-            )
+            lines.extend(coverage_lines(self))
+        if self.selection:
+            lines.extend(selection_lines(self.selection, self.draws))
         if self.accuracy is not None and self.baselines:
             lines.extend(baseline_lines(self.baselines))
         if self.temperature is not None:
@@ -270,6 +299,53 @@ class AdaptationReport:
         from ..paths import atomic_write
 
         return atomic_write(p, lambda tmp: plot_confusion(self.confusion, self.classes, tmp, title, fmt="png"))
+
+
+def coverage_lines(report: AdaptationReport) -> list[str]:
+    """What the figures above cover and what they do not, in words a user reads."""
+    boot = report.accuracy is not None and report.accuracy.test_bootstrap is not None
+    test = "these images" if report.evaluated_on.startswith("held-out") else report.evaluated_on
+    lines = [
+        f"± is the 95% CI of the mean over the {report.draws} support draws only (each draw scored "
+        f"{report.scored_per_draw:.0f} images): it covers which images were the support, with "
+        + ("these candidate backbones" if report.selection else "this one backbone")
+        + f" (not the variation between pretraining runs of a backbone) and {test} as the only test set "
+        "(not a fresh test set's sampling error)."
+    ]
+    if boot:
+        lines.append(
+            "test-set bootstrap: 95% percentile interval over 1,000 resamples of the scored images, "
+            "the sampling error of this one test set; expect a new population to differ by more."
+        )
+    else:
+        lines.append("with few images, expect a new population to differ by more.")
+    return lines
+
+
+def selection_lines(sel: dict[str, Any], draws: int) -> list[str]:
+    """Summary lines on ``backbone="auto"``: what was tried, what each scored, and what was chosen."""
+    lines = [
+        f"backbone chosen automatically among {len(sel.get('candidates', []))} candidates by "
+        f"{sel.get('metric', 'balanced accuracy')} of {sel.get('inner', 'an inner split')}:"
+    ]
+    for c in sel.get("candidates", []):
+        score = c.get("inner_score")
+        text = f"  {c['name']}: inner score {_f(score)} on all labelled images"
+        if draws:
+            text += (
+                f", {_f(c.get('inner_score_draws'))} mean over draws, chosen in {c.get('chosen_in_draws', 0)}/{draws}"
+            )
+        if c["name"] == sel.get("chosen"):
+            text += "  <- chosen for the model"
+        if c.get("note"):
+            text += f" ({c['note']})"
+        lines.append(text)
+    if draws:
+        lines.append(
+            "the estimate is nested: each draw chose on its own support images only and was scored on images "
+            "the choice never saw, so the choice does not flatter it"
+        )
+    return lines
 
 
 def baseline_metric(b: dict[str, Any]) -> str:
@@ -370,6 +446,9 @@ def estimate(
     calibrate: bool = True,
     bn_stats: BNStats = "support",
     baselines: bool = True,
+    choose: Callable[[int, Tensor], DrawChoice] | None = None,
+    calibrate_on: str | None = None,
+    bootstrap: int = BOOTSTRAP_RESAMPLES,
 ) -> AdaptationReport:
     """Score ``draws`` seeded support draws of ``images``/``labels`` (the labelled pool).
 
@@ -388,6 +467,14 @@ def estimate(
             (``report.temperature``; not with ``test``, which must stay unseen).
         baselines: also score the pixel baselines of :mod:`.baselines` on every draw
             (``report.baselines``).
+        choose: ``choose(draw, support_indices)`` picks, from the support images alone,
+            what each draw adapts and scores (a backbone and learner with their decoded
+            images: :class:`DrawChoice`) instead of ``learner``/``images``/``prep``; the
+            held-out images are never handed to it (``backbone="auto"``'s nested estimate).
+        calibrate_on: with ``choose``, fit the temperature only on the draws that chose
+            this name (the final model's choice; no temperature if none did).
+        bootstrap: resamples of the scored images for the test-set bootstrap interval
+            of the accuracies (0: none).
     """
     start = time.perf_counter()
     counts = torch.bincount(labels, minlength=len(classes)).tolist()
@@ -412,28 +499,37 @@ def estimate(
         draws_run = draws
     bn = deployment_policy(learner, bn_stats, query_bn)
     base_draws: dict[str, list[dict[str, Any]]] = {name: [] for name in FUNCTIONS} if baselines else {}
+    outcomes: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # per draw: scored indices, labels, correct
     for i in range(draws_run):
         gen = generator(seed, f"draw-{i}")
         support, held = draw_support(labels, draw_k, gen)
-        classifier = adapt_on(learner, images, labels, support, prep, device, derive_seed(seed, f"adapt-{i}"), bn)
+        d_learner, d_images, d_prep, d_bn, chosen = learner, images, prep, bn, None
+        if choose is not None:
+            c = choose(i, support)
+            d_learner, d_images, d_prep, d_bn, chosen = c.learner, c.images, c.prep, c.bn, c.name
+        seed_i = derive_seed(seed, f"adapt-{i}")
+        classifier = adapt_on(d_learner, d_images, labels, support, d_prep, device, seed_i, d_bn)
         if test is None:
             if max_eval is not None and len(held) > max_eval:
                 held = held[torch.randperm(len(held), generator=gen)[:max_eval]]
-            x_eval, y_eval = images[held], labels[held]
+            x_eval, y_eval, scored_idx = d_images[held], labels[held], held
         else:
-            x_eval, y_eval = test[0], test[1]
-        logits = predict_logits(classifier, x_eval, prep, device, batch_size)
+            x_eval, y_eval, scored_idx = test[0], test[1], torch.arange(len(test[1]))
+        logits = predict_logits(classifier, x_eval, d_prep, device, batch_size)
         m = compute_metrics(logits.log_softmax(-1), y_eval, classes)
-        if test is None and kept < MAX_CALIBRATION:
+        outcomes.append((scored_idx.numpy(), y_eval.numpy(), (logits.argmax(-1) == y_eval).numpy()))
+        if test is None and kept < MAX_CALIBRATION and (calibrate_on is None or chosen in (None, calibrate_on)):
             held_logits.append(logits[: MAX_CALIBRATION - kept])
             held_labels.append(y_eval[: MAX_CALIBRATION - kept])
             kept += len(held_logits[-1])
         total_conf += np.asarray(m.confusion)
         scored += m.n
         per_draw.append({"accuracy": m.accuracy, "balanced_accuracy": m.balanced_accuracy, "auc": m.auc, "scored": m.n})
+        if chosen is not None:
+            per_draw[-1]["chosen"] = chosen
         if base_draws:
             xs, ys = images[support].to(device), labels[support]
-            xq = x_eval.to(device)
+            xq = (images[scored_idx] if test is None else x_eval).to(device)
             for name, fn in FUNCTIONS.items():
                 bm = compute_metrics(fn(xs, ys, xq, len(classes)).cpu(), y_eval, classes)
                 base_draws[name].append({"accuracy": bm.accuracy, "balanced_accuracy": bm.balanced_accuracy})
@@ -449,6 +545,15 @@ def estimate(
         evaluated_on = "held-out images of the labelled pool (not in that draw's support)"
     else:
         evaluated_on = f"{test[2]} ({len(test[1])} images)"
+    accuracy = Summary.of([d["accuracy"] for d in per_draw])
+    balanced = Summary.of([d["balanced_accuracy"] for d in per_draw])
+    if bootstrap and outcomes:
+        boot = bootstrap_draws_interval(
+            outcomes, len(labels) if test is None else len(test[1]), len(classes), resamples=bootstrap, seed=seed
+        )
+        for s, key in ((accuracy, "accuracy"), (balanced, "balanced_accuracy")):
+            if s is not None:
+                s.test_bootstrap = boot[key]
     return AdaptationReport(
         method=method,
         shots=shots,
@@ -460,8 +565,8 @@ def estimate(
         draw_support_per_class={classes[c]: draw_k[c] for c in range(len(classes))},
         scored_per_draw=scored / max(draws_run, 1),
         evaluated_on=evaluated_on,
-        accuracy=Summary.of([d["accuracy"] for d in per_draw]),
-        balanced_accuracy=Summary.of([d["balanced_accuracy"] for d in per_draw]),
+        accuracy=accuracy,
+        balanced_accuracy=balanced,
         auc=Summary.of([d["auc"] for d in per_draw]),
         recall=recall,
         confusion=total_conf.tolist(),
@@ -473,4 +578,13 @@ def estimate(
     )
 
 
-__all__ = ["AdaptationReport", "AdaptationWarning", "Metrics", "Summary", "draw_support", "estimate", "support_sizes"]
+__all__ = [
+    "AdaptationReport",
+    "AdaptationWarning",
+    "DrawChoice",
+    "Metrics",
+    "Summary",
+    "draw_support",
+    "estimate",
+    "support_sizes",
+]

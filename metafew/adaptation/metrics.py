@@ -89,6 +89,103 @@ def bootstrap_auc_interval(
     return float(lo), float(hi)
 
 
+BOOTSTRAP_RESAMPLES = 1000
+
+
+def bootstrap_interval(
+    correct: Sequence[float] | np.ndarray | torch.Tensor,
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of the mean of per-image scores (e.g. 1/0 correct), or None if empty.
+
+    The images are resampled with replacement ``resamples`` times: the interval is the
+    sampling error of this one test set (how much the figure would move on another
+    test set of the same size from the same population), not the model's variation.
+    """
+    v = torch.as_tensor(np.asarray(correct, dtype=np.float64))
+    if v.numel() == 0:
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    means = torch.cat(
+        [
+            v[torch.randint(0, len(v), (min(200, resamples - s), len(v)), generator=gen)].mean(1)
+            for s in range(0, resamples, 200)
+        ]
+    )
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(means.numpy(), [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+def bootstrap_draws_interval(
+    draws: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    num_images: int,
+    num_classes: int,
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, tuple[float, float] | None]:
+    """Test-set bootstrap intervals of the accuracy and balanced accuracy averaged over support draws.
+
+    ``draws``: per draw, ``(image indices, true labels, 1/0 correct)`` of the images it
+    scored, indices into a test set of ``num_images`` images (the labelled pool, or a
+    separate test set). Each replicate resamples the ``num_images`` images with
+    replacement (an image drawn twice counts twice in every draw that scored it) and
+    recomputes the mean over draws; the interval is the 2.5-97.5th percentile of the
+    replicates. It adds what the draw interval leaves out: the sampling error of the
+    one set of images everything was scored on.
+    """
+    out: dict[str, tuple[float, float] | None] = {"accuracy": None, "balanced_accuracy": None}
+    draws = [d for d in draws if len(d[0])]
+    if not draws or num_images == 0:
+        return out
+    # only the images some draw scored enter the sums: index them 0..U-1 (U: a dummy for all others)
+    used = np.unique(np.concatenate([np.asarray(d[0], dtype=np.int64) for d in draws]))
+    u = len(used)
+    position = torch.full((num_images,), u, dtype=torch.long)
+    position[torch.as_tensor(used)] = torch.arange(u)
+    # per draw and class, which images it scored ([U, D*K] 0/1) and which of them it got right
+    scored = torch.zeros(len(draws), num_classes, u, dtype=torch.float32)
+    right = torch.zeros_like(scored)
+    for d, (idx, y, c) in enumerate(draws):
+        i = position[torch.as_tensor(np.asarray(idx), dtype=torch.long)]
+        k = torch.as_tensor(np.asarray(y), dtype=torch.long)
+        scored[d, k, i] = 1.0
+        right[d, k, i] = torch.as_tensor(np.asarray(c, dtype=np.float32))
+    scored_flat, right_flat = scored.flatten(0, 1).T.contiguous(), right.flatten(0, 1).T.contiguous()
+    del scored, right
+    gen = torch.Generator().manual_seed(seed)
+    acc_rep: list[torch.Tensor] = []
+    bal_rep: list[torch.Tensor] = []
+    chunk = max(1, min(resamples, 20_000_000 // max(num_images, 1)))
+    for start in range(0, resamples, chunk):
+        r = min(chunk, resamples - start)
+        picks = torch.randint(0, num_images, (r, num_images), generator=gen)
+        weights = torch.zeros(r, u + 1, dtype=torch.float32)
+        weights.scatter_add_(1, position[picks], torch.ones(r, num_images, dtype=torch.float32))  # times drawn
+        weights = weights[:, :u]
+        n = (weights @ scored_flat).double().view(r, len(draws), num_classes)  # weighted count per draw, class
+        hits = (weights @ right_flat).double().view(r, len(draws), num_classes)
+        total = n.sum(2)
+        acc = torch.where(total > 0, hits.sum(2) / total.clamp(min=1e-12), torch.nan)  # [r, D]
+        present = n > 0  # a class whose scored images were all left out of a replicate is not averaged
+        recall = torch.where(present, hits / n.clamp(min=1e-12), 0.0)
+        bal = torch.where(present.any(2), recall.sum(2) / present.sum(2).clamp(min=1), torch.nan)
+        acc_rep.append(acc.nanmean(1))
+        bal_rep.append(bal.nanmean(1))
+    tail = (1 - level) / 2 * 100
+    for key, rep in (("accuracy", torch.cat(acc_rep)), ("balanced_accuracy", torch.cat(bal_rep))):
+        rep = rep[~rep.isnan()]
+        if rep.numel() >= resamples // 2:
+            lo, hi = np.percentile(rep.numpy(), [tail, 100 - tail])
+            out[key] = (float(lo), float(hi))
+    return out
+
+
 @dataclass
 class Metrics:
     """How one classifier did on one labelled set of images."""

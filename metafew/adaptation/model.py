@@ -14,7 +14,9 @@ statistics as nested tensors) are read too.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,7 @@ from ..device import resolve_device
 from ..errors import CheckpointError, DatasetError
 from ..learners import Classifier
 from ..learners import create as create_learner
-from .estimate import AdaptationReport, predict_logits
+from .estimate import AdaptationReport, AdaptationWarning, predict_logits
 from .inputs import resolve_data
 from .metrics import Metrics, compute_metrics
 from .outputs import MODEL_FORMAT, check_output
@@ -38,6 +40,22 @@ from .preprocess import Preprocessing, read_inputs, stack_for
 
 MODEL_FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
+
+
+def image_hashes(images: Tensor) -> list[str]:
+    """The sha1 of each image ``[C, H, W]`` of ``images`` as decoded (its bytes, shape and dtype).
+
+    Saved with an adapted model (``support["sha1"]``), so that :meth:`AdaptedModel.evaluate`
+    can tell when a labelled set holds the model's own support images: the same file
+    decodes to the same bytes at the model's image size and channels.
+    """
+    out = []
+    for img in images:
+        a = img.detach().cpu().contiguous()
+        h = hashlib.sha1(f"{a.dtype}:{tuple(a.shape)}:".encode())
+        h.update(a.numpy().tobytes())
+        out.append(h.hexdigest())
+    return out
 
 
 @dataclass
@@ -160,9 +178,16 @@ class AdaptedModel:
         ``data``: a FewShotDataset, an image folder (``root/<class>/<image>``), or a dataset
         name such as ``"pneumoniamnist"`` (its ``split``, default the official test split;
         ``"pneumoniamnist:val"`` also works). Its class names must be among the model's.
+
+        When ``data`` holds some of the images the model was adapted on (same decoded
+        pixels as its support images, whose hashes the model keeps), a UserWarning
+        (:class:`~metafew.adaptation.AdaptationWarning`) says so and ``notes`` repeat it:
+        the figures would then overstate how the model does on new images. Models saved
+        before the hashes were kept never warn.
         """
         ds = resolve_data(data, self.preprocessing, skip_bad=skip_bad, split=split)
         labels = self._map_labels(ds)
+        overlap = self.support_overlap(ds.images)
         logits = predict_logits(self.logits, ds.images, self.preprocessing, self.device, batch_size)
         m = compute_metrics(logits.log_softmax(-1), labels, self.classes, intervals=True)
         missing = [c for c in self.classes if c not in ds.classes]
@@ -170,7 +195,21 @@ class AdaptedModel:
             m.notes.append(
                 f"{ds.name} has no images of class(es) {', '.join(map(repr, missing))}: their recall is unknown"
             )
+        if overlap:
+            msg = (
+                f"{overlap} of the {len(ds)} images in {ds.name} are images this model was adapted on (its support "
+                "set), so these figures overstate how well it classifies new images; evaluate on images it has not seen"
+            )
+            m.notes.append(msg)
+            warnings.warn(msg, AdaptationWarning, stacklevel=2)
         return m
+
+    def support_overlap(self, images: Tensor) -> int:
+        """How many of ``images`` (decoded ``[M, C, H, W]``) are the model's own support images (0 when unknown)."""
+        known = set(self.support.get("sha1") or ())
+        if not known or len(images) == 0:
+            return 0
+        return sum(h in known for h in image_hashes(images))
 
     def _map_labels(self, ds: FewShotDataset) -> Tensor:
         unknown = [c for c in ds.classes if c not in self.classes]

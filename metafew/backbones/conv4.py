@@ -1,18 +1,33 @@
 """Conv-4: the standard few-shot backbone (Vinyals et al. 2016, Snell et al. 2017, Finn et al. 2017).
 
 Four blocks of [conv 3x3, 64 filters, BatchNorm, ReLU, 2x2 max-pool], then flatten:
-64 features on 28x28 Omniglot, 1600 on 84x84 images.
+64 features on 28x28 Omniglot, 1600 on 84x84 images (``create("conv4")`` builds it for
+``image_size=84``, the miniImageNet size, unless told otherwise).
+
+With the default ``pool="flatten"`` the number of features depends on the image size, so
+the backbone is built for one: fed images whose final feature map differs (28x28 images
+into a Conv-4 built for 84x84), its forward raises a one-line
+:class:`~metafew.errors.InputShapeError` naming both sizes, instead of torch's "mat1 and
+mat2 shapes cannot be multiplied" further on. ``pool="avg"`` averages the last feature map
+instead (global average pooling, as ResNet-12 does): ``hidden`` features for any image of at
+least ``2**depth`` pixels a side.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
+import torch
 from torch import nn
 
+from ..errors import ConfigError, InputShapeError
+from .inputs import check_images, describe_shape
 from .registry import register
 from .weights import ShippedWeights, register_weights
 
 
 def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    """[conv 3x3 (padding 1), BatchNorm, ReLU, 2x2 max-pool]: halves each side (rounding down)."""
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, 3, padding=1),
         nn.BatchNorm2d(out_channels),
@@ -22,14 +37,73 @@ def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
 
 
 class Conv4(nn.Sequential):
-    def __init__(self, in_channels: int = 3, hidden: int = 64, depth: int = 4) -> None:
-        layers = [conv_block(in_channels if i == 0 else hidden, hidden) for i in range(depth)]
+    """``depth`` conv blocks, then flatten (``pool="flatten"``) or global average pooling (``pool="avg"``).
+
+    ``image_size`` (with ``pool="flatten"``) is the size the features are counted for: its
+    ``out_features`` is ``hidden * (H >> depth) * (W >> depth)``, and images giving another
+    final map are refused in ``forward``. Without it (``Conv4()`` built directly) the size is
+    not checked and ``out_features`` is left unset.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        hidden: int = 64,
+        depth: int = 4,
+        image_size: tuple[int, int] | None = None,
+        pool: Literal["flatten", "avg"] = "flatten",
+    ) -> None:
+        if pool not in ("flatten", "avg"):
+            raise ConfigError(f"conv4: pool must be 'flatten' or 'avg', got {pool!r}")
+        if depth < 1 or hidden < 1:
+            raise ConfigError(f"conv4: depth and hidden must be positive, got depth={depth}, hidden={hidden}")
+        layers: list[nn.Module] = [conv_block(in_channels if i == 0 else hidden, hidden) for i in range(depth)]
+        if pool == "avg":
+            layers.append(nn.AdaptiveAvgPool2d(1))  # no parameters: block indices (state dict names) are unchanged
         super().__init__(*layers, nn.Flatten())
+        self.pool_mode = pool
+        self.hidden = hidden
+        self.depth = depth
+        self.expects = (in_channels, image_size)
+        if pool == "avg":
+            self.out_features = hidden
+        elif image_size is not None:
+            self.out_features = hidden * (image_size[0] >> depth) * (image_size[1] >> depth)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """Features ``[N, out_features]`` of images ``[N, C, H, W]``; a wrong format is a one-line error."""
+        channels, size = self.expects
+        min_size = 1 << self.depth
+        hint = "smaller images lose their last feature map to the max-pools; use a smaller depth or upsample"
+        check_images("conv4", x, channels, min_size=min_size, image_size=size, hint=hint)
+        if self.pool_mode == "flatten" and size is not None:
+            d = self.depth
+            h, w = int(x.shape[2]), int(x.shape[3])
+            if (h >> d, w >> d) != (size[0] >> d, size[1] >> d):
+                raise InputShapeError(
+                    f"conv4 backbone was built for {size[0]}x{size[1]} images ({self.out_features} features) "
+                    f"but got {describe_shape(x)} images ({self.hidden * (h >> d) * (w >> d)} features); "
+                    f"build it with image_size={h if h == w else (h, w)}, resize the images, or use pool='avg' "
+                    "(global average pooling: any size)"
+                )
+        return super().forward(x)
 
 
 @register("conv4")
-def conv4(in_channels: int = 3, image_size: tuple[int, int] = (84, 84), hidden: int = 64, depth: int = 4) -> nn.Module:
-    return Conv4(in_channels, hidden, depth)
+def conv4(
+    in_channels: int = 3,
+    image_size: tuple[int, int] = (84, 84),
+    hidden: int = 64,
+    depth: int = 4,
+    pool: Literal["flatten", "avg"] = "flatten",
+) -> nn.Module:
+    """Conv-4 for ``image_size`` images (default 84x84): flattened features, or ``pool="avg"`` for any size."""
+    if min(image_size) < (1 << depth):
+        raise ConfigError(
+            f"conv4 with depth {depth} needs images of at least {1 << depth}x{1 << depth} "
+            f"({depth} 2x2 max-pools), got {image_size[0]}x{image_size[1]}"
+        )
+    return Conv4(in_channels, hidden, depth, image_size=(int(image_size[0]), int(image_size[1])), pool=pool)
 
 
 # -- pretrained Conv-4 backbones shipped with metafew (files in backbones/weights/) -------------------------

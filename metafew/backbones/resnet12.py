@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .inputs import check_images
 from .registry import register
 
 
@@ -67,6 +68,7 @@ class ResNet12(nn.Module):
         if len(widths) != 4 or min(widths) < 1:
             raise ValueError(f"resnet12 needs 4 positive widths, got {widths}")
         chans = [in_channels, *widths]
+        self.expects_channels = in_channels
         self.layers = nn.Sequential(*(ResNet12Block(chans[i], chans[i + 1], drop_rate) for i in range(4)))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.out_features = widths[-1]
@@ -78,6 +80,8 @@ class ResNet12(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Features ``[N, widths[-1]]`` of images ``[N, C, H, W]`` (any size of at least 16x16)."""
+        check_images("resnet12", x, self.expects_channels, min_size=16, hint="4 max-pools need 16 px a side")
         return self.pool(self.layers(x)).flatten(1)
 
 

@@ -16,17 +16,24 @@ Adaptations:
   cannot fill a 3x3 kernel, so in that case ``conv1`` stays randomly initialised and
   only the rest is loaded from the ImageNet weights.
 
-``weights="imagenet"`` loads torchvision's ImageNet-1k (``IMAGENET1K_V1``) weights from
-a local file only: ``<torch hub dir>/checkpoints/<file>`` (``$TORCH_HOME/hub/checkpoints``,
-default ``~/.cache/torch/hub/checkpoints``, where torchvision itself keeps them) or
-``<metafew cache>/weights/<file>``. ``weights=<path>`` loads that file. metafew never
-downloads weights here: when none is found a :class:`~metafew.errors.CheckpointError`
-says where it looked and how to get the file.
+``weights="imagenet"`` loads torchvision's ImageNet-1k (``IMAGENET1K_V1``) weights, as
+``torchvision.models.resnet18(weights="IMAGENET1K_V1")`` does: from
+``<torch hub dir>/checkpoints/<file>`` (``$TORCH_HOME/hub/checkpoints``, default
+``~/.cache/torch/hub/checkpoints``, torchvision's own cache, so a file torchvision
+downloaded is reused and the other way round) or ``<metafew cache>/weights/<file>``;
+when neither holds the file it is downloaded from ``download.pytorch.org`` into the torch
+hub dir with a progress bar and torchvision's hash check (the SHA-256 of the download must
+start with the hash in the file name; a mismatching download is deleted, never kept). A
+cached file is used as it is, as torch hub does. Offline, a
+:class:`~metafew.errors.CheckpointError` says where it looked, which URL failed and how to
+get the file. ``weights=<path>`` loads that file and never downloads.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import urllib.error
 from pathlib import Path
 
 import torch
@@ -34,6 +41,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..paths import cache_dir
+from .inputs import check_images
 from .registry import register
 
 #: torchvision's ImageNet-1k V1 weight files (``torchvision.models.ResNet*_Weights.IMAGENET1K_V1``).
@@ -58,19 +66,66 @@ def weight_search_paths(arch: str) -> list[Path]:
     return [Path(torch.hub.get_dir()) / "checkpoints" / name, cache_dir() / "weights" / name]
 
 
-def find_weights(arch: str, weights: str | os.PathLike[str]) -> Path:
-    """Resolve ``weights`` ("imagenet" or a file path) to an existing local file, or raise CheckpointError."""
+def weights_url(arch: str) -> str:
+    """The URL torchvision downloads ``arch``'s ImageNet-1k V1 weights from."""
+    return WEIGHTS_URL + WEIGHT_FILES[arch]
+
+
+def download_weights(arch: str, dest: Path, progress: bool = True) -> Path:
+    """Download ``arch``'s torchvision weights to ``dest``, checking the SHA-256 prefix in the file name.
+
+    Uses torch hub's downloader (a ``.partial`` file renamed into place only once the hash
+    matches), as ``torchvision.models.ResNet18_Weights.IMAGENET1K_V1.get_state_dict(check_hash=True)``
+    does. Raises a one-line CheckpointError when offline or when the hash does not match.
+    """
+    url = weights_url(arch)
+    match = re.search(r"-([a-f0-9]*)\.", WEIGHT_FILES[arch])  # torch.hub.HASH_REGEX
+    prefix = match.group(1) if match else None
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(dest), hash_prefix=prefix, progress=progress)
+    except (urllib.error.URLError, OSError) as e:  # URLError (no network, HTTP error) is an OSError
+        raise CheckpointError(
+            f"{arch} ImageNet weights: downloading {url} to {dest} failed ({_first_line(getattr(e, 'reason', e))})"
+        ) from e
+    except RuntimeError as e:
+        if "invalid hash value" not in str(e):
+            raise
+        raise CheckpointError(
+            f"{arch} ImageNet weights: the download of {url} failed torch hub's hash check ({_first_line(e)}); "
+            "the file was not kept, try again"
+        ) from e
+    return dest
+
+
+def _first_line(e: object) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else repr(e)
+
+
+def find_weights(arch: str, weights: str | os.PathLike[str], download: bool = True) -> Path:
+    """Resolve ``weights`` ("imagenet" or a file path) to a local file, downloading "imagenet" when not cached.
+
+    Raises CheckpointError (one line: where it looked, the URL, how to get the file) when the
+    file is neither cached nor downloadable.
+    """
     if isinstance(weights, str) and weights.lower() == "imagenet":
         candidates = weight_search_paths(arch)
         for p in candidates:
             if p.is_file():
                 return p
         name = WEIGHT_FILES[arch]
-        raise CheckpointError(
-            f"{arch} ImageNet weights not found: looked for {' and '.join(str(p) for p in candidates)}; "
-            f"download {WEIGHTS_URL}{name} into {candidates[0].parent} (torchvision's cache, "
+        hint = (
+            f"download {weights_url(arch)} into {candidates[0].parent} (torchvision's cache, "
             f"set by $TORCH_HOME) or pass weights='/path/to/{name}'"
         )
+        looked = " and ".join(str(p) for p in candidates)
+        if not download:
+            raise CheckpointError(f"{arch} ImageNet weights not found: looked for {looked}; {hint}")
+        try:
+            return download_weights(arch, candidates[0])
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}; looked for {looked}; {hint}") from e
     path = Path(weights).expanduser()
     if not path.is_file():
         raise CheckpointError(f"{arch} weights file not found: {path}")
@@ -119,6 +174,14 @@ def load_torchvision_weights(model: nn.Module, arch: str, path: Path, in_channel
     model.load_state_dict(state, strict=False)
 
 
+def _check_input(model: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+    """Forward pre-hook of the ResNets: images must be ``[N, in_channels, H, W]`` (checks shapes only)."""
+    if args and isinstance(args[0], torch.Tensor):
+        conv1 = model.conv1
+        assert isinstance(conv1, nn.Conv2d)
+        check_images(getattr(model, "name", "resnet"), args[0], conv1.in_channels)
+
+
 def build_resnet(
     arch: str,
     in_channels: int = 3,
@@ -143,6 +206,8 @@ def build_resnet(
         nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
     model.out_features = model.fc.in_features
     model.fc = nn.Identity()
+    # global average pooling: any size works; a wrong channel count is one line, not a conv error
+    model.register_forward_pre_hook(_check_input)
     if path is not None:
         load_torchvision_weights(model, arch, path, in_channels, small_input)
     # Rebuilding from a metafew checkpoint must not need the ImageNet file again: weights stay out.

@@ -29,9 +29,10 @@ def markdown_table(suite: Suite, rows: list[dict[str, Any]]) -> str:
         "",
         *([suite.description, ""] if suite.description else []),
         f"Device: {', '.join(devices)}. Figures in %: mean over the fixed test episodes ± 95% CI "
-        "(1.96·std/√n); `err` marks an error rate. Δ = ours − published.",
+        f"(1.96·std/√n); `err` marks an error rate. Δ = ours − {suite.published_label}.",
         "",
-        "| Row | Dataset | Learner | Backbone | Setting | Train (N/K/Q) | Ours | Published | Δ | Steps | Train time | Source |",
+        f"| Row | Dataset | Learner | Backbone | Setting | Train (N/K/Q) | Ours | {suite.published_label.capitalize()} "
+        "| Δ | Steps | Train time | Source |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -73,7 +74,9 @@ def write_plot(suite: Suite, rows: list[dict[str, Any]], path: Path) -> Path:
         )
         pub = [(i + 0.1, r["published"]) for i, r in zip(x, rows) if r["published"] is not None]
         if pub:
-            ax.scatter([p[0] for p in pub], [p[1] for p in pub], marker="x", color="C3", zorder=3, label="published")
+            ax.scatter(
+                [p[0] for p in pub], [p[1] for p in pub], marker="x", color="C3", zorder=3, label=suite.published_label
+            )
         metrics = {r.get("metric", "accuracy") for r in rows}
         ax.set_ylabel(
             {"accuracy": "accuracy (%)", "error": "error rate (%)"}.get(metrics.pop(), "%")

@@ -26,7 +26,7 @@ from ..config import test_episodes, train_run
 from ..device import describe_device, resolve_device
 from ..engine.evaluate import EvalResult, evaluate
 from ..engine.train import TrainResult
-from ..errors import ConfigError
+from ..errors import ConfigError, DatasetNotFoundError
 from ..paths import atomic_write
 from .report import write_markdown, write_plot
 from .suite import BenchRow, Suite
@@ -88,6 +88,55 @@ def result_row(bench: BenchRow, ev: EvalResult, tr: TrainResult | None, device: 
     return row
 
 
+def ensure_data(
+    dataset: str,
+    subset: str,
+    *,
+    data_root: str | Path | None = None,
+    options: dict[str, Any] | None = None,
+    lake: bool = False,
+    download: bool = True,
+    log: Any = print,
+) -> None:
+    """Make sure ``dataset`` (and Lake's runs when ``lake``) is there, fetching it on first use.
+
+    A dataset with an official source that is not found is downloaded (md5-checked,
+    resumable, with a line saying what, from where, how big and where to) unless
+    ``download`` is False or ``$METAFEW_OFFLINE`` is set: then its "not found" error is
+    raised, saying where it looked and how to point at a copy instead.
+    """
+    from ..data.download import offline
+    from ..data.lake import locate_lake_runs
+    from ..data.registry import dataset_info, load_dataset
+    from ..paths import data_roots
+
+    refused = "--no-download / download=False" if not download else "METAFEW_OFFLINE is set" if offline() else None
+
+    def fetch(name: str, load: Any, official: Any) -> None:
+        try:
+            load(False)
+            return
+        except DatasetNotFoundError as e:
+            if not official():  # a local dataset (folder:PATH): its own message says what to do
+                raise
+            if refused is not None:
+                raise DatasetNotFoundError(f"{e} (not downloaded: {refused})") from e
+        where = " or ".join(str(r) for r in data_roots(data_root))
+        log(
+            f"{name} is not in {where}: downloading it from its official source on first use "
+            "(--no-download refuses; --data-root or METAFEW_DATA points at a copy you already have)"
+        )
+        load(True)
+
+    fetch(
+        dataset,
+        lambda dl: load_dataset(dataset, subset, root=data_root, download=dl, **(options or {})),
+        lambda: bool(dataset_info(dataset, data_root).get("url")),
+    )
+    if lake:
+        fetch("Lake's one-shot runs", lambda dl: locate_lake_runs(data_root, download=dl), lambda: True)
+
+
 def run_row(
     bench: BenchRow,
     work_dir: Path,
@@ -96,18 +145,31 @@ def run_row(
     device: str | torch.device = "auto",
     amp: str | None = None,
     progress: bool = True,
+    download: bool = False,
+    log: Any = print,
 ) -> dict[str, Any]:
-    """Train (or resume, or reuse) and test one row; the test result is cached in its folder."""
+    """Train (or resume, or reuse) and test one row; the test result is cached in its folder.
+
+    With ``download``, a missing dataset with an official source is fetched first (:func:`ensure_data`).
+    """
     dev = resolve_device(device)
     spec = bench.config
     if amp is not None:
         spec.amp = amp
-    row_dir = work_dir / f"{spec.name}-{spec.train_key()}"
+    row_dir = row_folder(bench, work_dir)
     cache = row_dir / "result.json"
-    if cache.is_file():
-        cached = json.loads(cache.read_text())
-        if _same_row(cached.get("spec"), bench.to_dict()):
-            return cached["row"]
+    cached = cached_row(bench, work_dir)
+    if cached is not None:
+        return cached
+    ensure_data(
+        spec.dataset,
+        spec.train_subset,
+        data_root=data_root,
+        options=spec.dataset_options(),
+        lake=spec.test == "lake",
+        download=download,
+        log=log,
+    )
     learner, tr = train_run(spec, row_dir, data_root=data_root, device=dev, progress=progress)
     episodes = test_episodes(spec, data_root=data_root, device=dev)
     ev = evaluate(learner, episodes, batch_size=spec.eval_batch_size, progress=progress)
@@ -118,21 +180,91 @@ def run_row(
     return row
 
 
+def row_folder(bench: BenchRow, work_dir: Path) -> Path:
+    """Where a row trains: ``<work_dir>/<row name>-<hash of what determines its weights>``."""
+    return work_dir / f"{bench.config.name}-{bench.config.train_key()}"
+
+
+def cached_row(bench: BenchRow, work_dir: Path) -> dict[str, Any] | None:
+    """The finished result of this very row in ``work_dir``, or None (then it is trained or resumed)."""
+    cache = row_folder(bench, work_dir) / "result.json"
+    if not cache.is_file():
+        return None
+    try:
+        cached = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        return None
+    return report_keys(cached["row"], bench) if _same_row(cached.get("spec"), bench.to_dict()) else None
+
+
+def report_keys(row: dict[str, Any], bench: BenchRow) -> dict[str, Any]:
+    """A cached result row with the row's current name, published figure and source (these never retrain it)."""
+    return {**row, "name": bench.name, "published": bench.published, "source": bench.source}
+
+
+def _plan(rows: list[BenchRow], work: Path, log: Any) -> float | None:
+    """Say what will run and for how long (the rows' ``expected_seconds``); returns the seconds expected."""
+    todo = [b for b in rows if cached_row(b, work) is None]
+    known = [b.expected_seconds for b in todo if b.expected_seconds is not None]
+    eta = f", about {_minutes(sum(known))}" if known and len(known) == len(todo) else ""
+    if todo and known and len(known) < len(todo):
+        eta = f", at least {_minutes(sum(known))} ({len(todo) - len(known)} without an estimate)"
+    reused = f"; {len(rows) - len(todo)} finished and reused from {work}" if len(todo) < len(rows) else ""
+    log(f"plan: {len(todo)} of {len(rows)} rows to train and test{eta}{reused}")
+    return sum(known) if todo and len(known) == len(todo) else None
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
 def pretrained_backbone(
-    suite: Suite, work: Path, *, data_root: str | Path | None, device: torch.device, progress: bool, log: Any
+    suite: Suite,
+    work: Path,
+    *,
+    data_root: str | Path | None,
+    device: torch.device,
+    progress: bool,
+    log: Any,
+    download: bool = False,
 ) -> Path:
-    """The suite's ``[pretrain]`` backbone in ``work``: made once, then reused (keyed by recipe and versions)."""
+    """The suite's ``[pretrain]`` backbone in ``work``: made once, then reused while what made it holds.
+
+    Keyed by the recipe, metafew's and torch's versions, the code that computes the weights
+    and a fingerprint of the training data (:mod:`metafew.bench.provenance`).
+    """
     from ..config import run_pretrain
+    from .provenance import changes, pretrain_provenance, provenance_key, read_provenance, write_provenance
 
     recipe = suite.pretrain
     assert recipe is not None
-    path = work / f"pretrain-{recipe.backbone}-{recipe.dataset}-{recipe.key()}.safetensors"
+    stem = f"pretrain-{recipe.backbone}-{recipe.dataset}-{recipe.key()}"
+    current = pretrain_provenance(recipe, data_root)
+    path = work / f"{stem}-{provenance_key(current)}.safetensors"
     if path.is_file():
         log(f"pretrained backbone: {path} (reused)")
         return path
+    legacy = work / f"{stem}.safetensors"  # cached before provenance was recorded
+    if legacy.is_file():
+        recorded = read_provenance(legacy)
+        if recorded is None:
+            write_provenance(legacy, {**current, "adopted": True})
+            log(f"pretrained backbone: {legacy} (reused: same recipe and versions; its code and data are recorded now)")
+            return legacy
+        if not changes(recorded, current):
+            log(f"pretrained backbone: {legacy} (reused)")
+            return legacy
+    earlier = [read_provenance(p) for p in sorted(work.glob(f"{stem}*.safetensors"), key=lambda p: p.stat().st_mtime)]
+    known = [r for r in earlier if r is not None]
+    if known:
+        log(f"pretrained backbone of this recipe is stale ({', '.join(changes(known[-1], current))} changed)")
+    ensure_data(
+        recipe.dataset, recipe.subset, data_root=data_root, options=recipe.dataset_options, download=download, log=log
+    )
     log(f"pretraining {recipe.backbone} on {recipe.dataset}/{recipe.subset} ({recipe.epochs} epochs) -> {path}")
     start = time.perf_counter()
     run_pretrain(recipe, path, data_root=data_root, device=device, progress=progress)
+    write_provenance(path, current)
     log(f"    pretrained in {time.perf_counter() - start:.0f} s")
     return path
 
@@ -142,8 +274,13 @@ def _same_row(cached: Any, current: dict[str, Any]) -> bool:
     if not isinstance(cached, dict):
         return False
     current = json.loads(json.dumps(current))
-    new_keys = ("amp", "in_channels", "image_size")
-    return all(cached.get(k) == v for k, v in current.items() if not (k in new_keys and v is None and k not in cached))
+    for key in ("name", *BenchRow.REPORT_KEYS):  # naming and reporting: not part of what is trained and tested
+        if key != "metric":
+            current.pop(key, None)
+    new_keys = {"amp": None, "in_channels": None, "image_size": None, "skip_bad": False}  # and their defaults
+    return all(
+        cached.get(k) == v for k, v in current.items() if not (k in new_keys and v == new_keys[k] and k not in cached)
+    )
 
 
 def run_suite(
@@ -157,8 +294,13 @@ def run_suite(
     amp: str | None = None,
     progress: bool = True,
     log: Any = print,
+    download: bool = False,
 ) -> list[dict[str, Any]]:
-    """Run every row (or those named in ``only``); write ``out`` (JSON), ``.md`` and ``.png`` beside it."""
+    """Run every row (or those named in ``only``); write ``out`` (JSON), ``.md`` and ``.png`` beside it.
+
+    With ``download`` (``metafew bench`` sets it unless ``--no-download``), a dataset a row needs
+    is fetched from its official source on first use (:func:`ensure_data`).
+    """
     out = Path(out).expanduser()
     if out.suffix != ".json":
         out = out.with_suffix(".json")
@@ -171,21 +313,36 @@ def run_suite(
         rows = [r for r in rows if r.name in only]
     dev = resolve_device(device)
     if suite.pretrain is not None:
-        backbone = pretrained_backbone(suite, work, data_root=data_root, device=dev, progress=progress, log=log)
+        backbone = pretrained_backbone(
+            suite, work, data_root=data_root, device=dev, progress=progress, log=log, download=download
+        )
         for bench in rows:
             bench.config.backbone_checkpoint = bench.config.backbone_checkpoint or str(backbone)
+    if amp is not None:
+        for bench in rows:
+            bench.config.amp = amp
+    expected = _plan(rows, work, log)
     results: list[dict[str, Any]] = []
+    began, spent_expected = time.perf_counter(), 0.0
     for i, bench in enumerate(rows, 1):
         spec = bench.config
         log(
             f"[{i}/{len(rows)}] {spec.name}: {spec.dataset} {spec.n_way}-way {spec.k_shot}-shot, {spec.learner}, {spec.steps} steps"
         )
         start = time.perf_counter()
-        row = run_row(bench, work, data_root=data_root, device=dev, amp=amp, progress=progress)
+        reused = cached_row(bench, work) is not None
+        row = run_row(
+            bench, work, data_root=data_root, device=dev, amp=amp, progress=progress, download=download, log=log
+        )
         results.append(row)
         shown = f"error {row['error_rate']:.2f}%" if bench.metric == "error" else f"{row['accuracy_mean']:.2f}%"
-        pub = f" (published {bench.published})" if bench.published is not None else ""
-        log(f"    {shown} ± {row['accuracy_ci95']:.2f}{pub} [{time.perf_counter() - start:.0f} s]")
+        pub = f" ({suite.published_label} {bench.published})" if bench.published is not None else ""
+        took = f"reused from {row_folder(bench, work)}" if reused else f"{time.perf_counter() - start:.0f} s"
+        if expected and not reused and bench.expected_seconds is not None and i < len(rows):
+            spent_expected += bench.expected_seconds
+            pace = (time.perf_counter() - began) / max(spent_expected, 1e-9)  # this machine vs the estimate
+            took += f"; about {_minutes(pace * (expected - spent_expected))} left"
+        log(f"    {shown} ± {row['accuracy_ci95']:.2f}{pub} [{took}]")
         write_outputs(suite, results, out)
     return results
 

@@ -51,7 +51,8 @@ class BenchRow:
 
     ``published`` is a percentage: accuracy, or error rate when ``metric == "error"``.
     In a suite file a row is flat: its keys are RunConfig fields plus ``published``,
-    ``source``, ``notes`` and ``metric``.
+    ``source``, ``notes``, ``metric`` and ``expected_seconds`` (what the row took where the
+    suite was made, training and test: the runner's plan and ETA add these up).
     """
 
     config: RunConfig
@@ -59,8 +60,9 @@ class BenchRow:
     source: str = ""
     notes: str = ""
     metric: Literal["accuracy", "error"] = "accuracy"
+    expected_seconds: float | None = None
 
-    REPORT_KEYS: ClassVar[tuple[str, ...]] = ("published", "source", "notes", "metric")
+    REPORT_KEYS: ClassVar[tuple[str, ...]] = ("published", "source", "notes", "metric", "expected_seconds")
 
     def __post_init__(self) -> None:
         if self.metric not in ("accuracy", "error"):
@@ -69,6 +71,12 @@ class BenchRow:
             not isinstance(self.published, (int, float)) or isinstance(self.published, bool)
         ):
             raise ConfigError(f"row {self.name}: published must be a number, got {self.published!r}")
+        if self.expected_seconds is not None and (
+            not isinstance(self.expected_seconds, (int, float))
+            or isinstance(self.expected_seconds, bool)
+            or not self.expected_seconds >= 0
+        ):
+            raise ConfigError(f"row {self.name}: expected_seconds must be a number >= 0, got {self.expected_seconds!r}")
         for key in ("source", "notes"):
             if not isinstance(getattr(self, key), str):
                 raise ConfigError(f"row {self.name}: {key} must be a string, got {getattr(self, key)!r}")
@@ -104,6 +112,7 @@ class Suite:
     description: str = ""
     path: Path | None = None
     pretrain: PretrainConfig | None = None  # a [pretrain] recipe: the backbone every row starts from
+    published_label: str = "published"  # what the published figures are, in tables and plots
 
 
 def resolve_suite(name_or_path: str | Path) -> Path:
@@ -131,11 +140,15 @@ def load_suite(name_or_path: str | Path) -> Suite:
         raise ConfigError(f"{path}: invalid TOML ({e})") from e
     if "runner" in doc:  # a suite file with its own script (e.g. medical.toml), not rows for this runner
         raise ConfigError(f"{path} is not a `metafew bench` suite; run it with `python {doc['runner']}`")
-    extra = sorted(set(doc) - {"name", "description", "defaults", "rows", "pretrain"})
+    extra = sorted(set(doc) - {"name", "description", "published_label", "defaults", "rows", "pretrain"})
     if extra:
         raise ConfigError(
-            f"{path}: unknown top-level key {extra[0]!r} (expected name, description, [pretrain], [defaults], [[rows]])"
+            f"{path}: unknown top-level key {extra[0]!r} "
+            "(expected name, description, published_label, [pretrain], [defaults], [[rows]])"
         )
+    label = doc.get("published_label", "published")
+    if not isinstance(label, str) or not label.strip():
+        raise ConfigError(f"{path}: published_label must be a non-empty string, got {label!r}")
     pretrain = None
     if "pretrain" in doc:
         if not isinstance(doc["pretrain"], dict):
@@ -157,4 +170,4 @@ def load_suite(name_or_path: str | Path) -> Suite:
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup:
         raise ConfigError(f"{path}: two rows are named {dup!r}; give them distinct `name`s")
-    return Suite(str(doc.get("name", path.stem)), rows, str(doc.get("description", "")), path, pretrain)
+    return Suite(str(doc.get("name", path.stem)), rows, str(doc.get("description", "")), path, pretrain, label)

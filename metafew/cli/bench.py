@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,11 @@ examples:
 A suite is a TOML file: benchmarks/suites/NAME.toml in the current folder or in the
 metafew repository, or any path. Each row is trained in WORK/<row>-<hash>/ and picked up
 where it stopped when the command is run again (finished rows are not retrained).
-Writes OUT (JSON rows), OUT with .md (a Markdown table) and .png (a plot)."""
+Writes OUT (JSON rows), OUT with .md (a Markdown table) and .png (a plot).
+
+A dataset a row needs that is not in the data root (--data-root, else $METAFEW_DATA, else
+~/.cache/metafew/data) is downloaded from its official source on first use, md5-checked
+(--no-download or METAFEW_OFFLINE=1 refuse; METAFEW_MIRROR fetches the same files elsewhere)."""
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -39,6 +44,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--row", action="append", metavar="NAME", help="run only this row (repeatable)")
     p.add_argument("--list", action="store_true", help="list the suite's rows and exit")
     p.add_argument("--overwrite", action="store_true", help="replace OUT (and its .md, .png) from an earlier bench")
+    p.add_argument(
+        "--no-download",
+        dest="download",
+        action="store_false",
+        help="never download a missing dataset: stop with where it was looked for (also METAFEW_OFFLINE=1)",
+    )
     return p
 
 
@@ -73,15 +84,19 @@ def run(args: argparse.Namespace) -> int:
 
         raise OutputError(f"--work-dir {work} is a file; give a folder")
     check_writable(work)
+    from .. import distributed
+
     run_suite(
         suite,
-        out,
-        work_dir=args.work_dir,
+        # under torchrun every rank trains and scores each row together; rank 0's reports are kept
+        out if distributed.is_main() else Path(tempfile.mkdtemp(prefix="metafew-bench-")) / out.name,
+        work_dir=str(work),
         only=args.row,
         data_root=args.data_root,
         device=args.device,
         amp=args.amp,
         progress=args.progress,
+        download=args.download,
     )
     print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
     return 0

@@ -63,7 +63,7 @@ def common_parser(options: tuple[str, ...] = ALL_COMMON) -> argparse.ArgumentPar
             "--data-root",
             metavar="DIR",
             default=None,
-            help="where datasets live (default: $METAFEW_DATA, else ~/.cache/metafew/data)",
+            help="where datasets live and are downloaded to (default: $METAFEW_DATA, else ~/.cache/metafew/data)",
         )
     if "amp" in options:
         g.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="mixed precision (default: float32)")

@@ -17,11 +17,16 @@ examples:
   metafew predict --model xray-model.safetensors new_images/             # CSV on stdout
   metafew predict --model xray-model.safetensors a.png b.png --format json
   metafew predict --model xray-model.safetensors new_images/ --out predictions.csv
+  metafew predict --model xray-model.safetensors --evaluate labelled_test/   # accuracy, AUC, recall
 
 A folder is searched recursively for image files. CSV columns: path, class (the
 predicted one), p_<class> for every class (probabilities, summing to 1).
 --out never overwrites a file that is not an earlier metafew predictions file, and
-replaces one only with --overwrite."""
+replaces one only with --overwrite.
+--evaluate DIR|NAME scores the model on a labelled set instead (a root/<class>/<image>
+folder, or a dataset name: its test split) and prints accuracy (Wilson 95% interval),
+balanced accuracy, AUC (bootstrap 95% interval) and per-class recall; it warns when the
+set holds the model's own support images."""
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -34,7 +39,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         common=("device",),
     )
     p.add_argument("--model", required=True, metavar="MODEL", help="model file from `metafew adapt`")
-    p.add_argument("images", nargs="+", metavar="IMAGES|DIR", help="image files and/or folders")
+    p.add_argument("images", nargs="*", metavar="IMAGES|DIR", help="image files and/or folders")
+    p.add_argument(
+        "--evaluate",
+        metavar="DIR|NAME",
+        help="score the model on this labelled folder (root/<class>/<image>) or dataset name instead of predicting",
+    )
     p.add_argument(
         "--format", choices=["csv", "json"], default=None, help="output format (default: from --out's suffix, else csv)"
     )
@@ -73,6 +83,14 @@ def to_json(predictions: list, classes: list[str], model: str) -> str:
 def run(args: argparse.Namespace) -> int:
     from ..adaptation import check_output, load
     from ..adaptation.outputs import write_text
+    from ..errors import ConfigError
+
+    if args.evaluate and args.images:
+        raise ConfigError("give images to predict or --evaluate a labelled set, not both")
+    if not args.evaluate and not args.images:
+        raise ConfigError("give image files or folders to predict (or --evaluate DIR for a labelled set)")
+    if args.evaluate:
+        return _evaluate(args)
 
     fmt = args.format or ("json" if args.out and args.out.lower().endswith(".json") else "csv")
     out = check_output(args.out, "predictions", overwrite=args.overwrite) if args.out else None  # before any work
@@ -90,4 +108,26 @@ def run(args: argparse.Namespace) -> int:
     else:
         write_text(out, text)
         print(f"{len(preds)} predictions written to {out}", file=sys.stderr)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    """``--evaluate``: metrics of the model on a labelled set (stdout), warnings (e.g. its own support images) on stderr."""
+    from ..adaptation import load
+    from ..errors import ConfigError
+
+    if args.out:
+        raise ConfigError("--evaluate prints its metrics (--format json for JSON); --out is for predictions")
+    model = load(args.model, device=args.device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            metrics = model.evaluate(args.evaluate, skip_bad=args.skip_bad, batch_size=args.batch_size)
+        finally:
+            for w in caught:
+                print(f"metafew: warning: {' '.join(str(w.message).split())}", file=sys.stderr)
+    if args.format == "json":
+        sys.stdout.write(json.dumps({"model": args.model, "data": args.evaluate, **metrics.to_dict()}, indent=2) + "\n")
+    else:
+        print(metrics.summary())
     return 0

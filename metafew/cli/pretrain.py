@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import PretrainConfig
-from .common import add_command, add_config_arguments, config_overrides, parse_options
+from ..errors import ConfigError
+from .common import add_command, add_config_arguments, config_overrides, parse_options, positive_int
 
 EPILOG = """\
 examples:
@@ -17,6 +18,13 @@ examples:
                    --augment-option padding=2 --augment-option flip=false --out backbones/conv4-omniglot
   metafew pretrain --dataset caltech101 --subset train --backbone resnet12 --epochs 90 --val-subset val \\
                    --out backbones/resnet12-caltech --amp bf16
+  metafew pretrain --dataset breastmnist --image-size 28 --in-channels 1 --epochs 20 --out backbones/conv4-breast
+  metafew pretrain --dataset folder:my_images --image-size 64 --in-channels 3 --out backbones/conv4-mine
+
+--image-size/--in-channels set the image format the backbone is pretrained (and later
+adapted) at: passed to the dataset as its image_size/channels option when it takes one
+(Omniglot, Caltech-101, folder:PATH...), else checked against its fixed format
+(MedMNIST: 28x28, 1 or 3 channels), so `--dataset-option image_size=N` is the same recipe.
 
 The backbone is saved with its record (architecture, image format, normalisation,
 training classes, the recipe) and reused by `metafew train --backbone-checkpoint FILE`,
@@ -36,6 +44,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         epilog=EPILOG,
     )
     add_config_arguments(p, FLAGS, config=PretrainConfig)
+    p.add_argument(
+        "--image-size",
+        type=positive_int,
+        metavar="N",
+        default=None,
+        help="pretrain on NxN images (the dataset's image_size option; default: the dataset's size)",
+    )
+    p.add_argument(
+        "--in-channels",
+        type=int,
+        choices=[1, 3],
+        default=None,
+        help="image channels: 1 (grayscale) or 3 (RGB) (the dataset's channels option; default: the dataset's)",
+    )
     p.add_argument("--dataset-option", action="append", metavar="KEY=VALUE", help="dataset option, e.g. image_size=28")
     p.add_argument(
         "--skip-bad",
@@ -59,6 +81,10 @@ def run(args: argparse.Namespace) -> int:
     d.update(seed=args.seed, amp=args.amp)
     if args.dataset_option:
         d["dataset_options"] = parse_options(args.dataset_option, "--dataset-option")
+    if args.image_size is not None or args.in_channels is not None:
+        d["dataset_options"] = image_format_options(
+            d.get("dataset", PretrainConfig().dataset), d.get("dataset_options", {}), args.image_size, args.in_channels
+        )
     if args.skip_bad:
         from ..data.registry import dataset_options
 
@@ -76,3 +102,41 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"saved {path}")
     return 0
+
+
+def image_format_options(
+    dataset: str, options: dict[str, Any], image_size: int | None, in_channels: int | None
+) -> dict[str, Any]:
+    """``options`` with ``--image-size``/``--in-channels`` applied as the dataset's own options.
+
+    A dataset that takes ``image_size`` (``channels``) gets it as that option, so the recipe
+    (and its cache key) is the one a TOML ``[pretrain]`` table with ``dataset_options`` gives;
+    one with a fixed format is only checked against it. Raises a one-line ConfigError when
+    the dataset cannot give that format or ``--dataset-option`` says otherwise.
+    """
+    from ..data.registry import _lookup, dataset_options
+
+    takes = dataset_options(dataset)
+    native = _lookup(dataset)[0].image_shape  # (C, H, W) at the default options, None when data-dependent
+    out = dict(options)
+    wanted = (
+        ("--image-size", "image_size", image_size, None if native is None else (int(native[1]), int(native[2]))),
+        ("--in-channels", "channels", in_channels, None if native is None else int(native[0])),
+    )
+    for flag, key, value, fixed in wanted:
+        if value is None:
+            continue
+        if key in out and out[key] != value:
+            raise ConfigError(f"{flag} {value} contradicts --dataset-option {key}={out[key]}")
+        if key in takes:
+            out[key] = value
+            continue
+        if fixed == ((value, value) if key == "image_size" else value):
+            continue  # the dataset's fixed format already: nothing to pass
+        what = "data-dependent" if fixed is None else "x".join(map(str, fixed)) if isinstance(fixed, tuple) else fixed
+        thing = "size" if key == "image_size" else "channel count"
+        raise ConfigError(
+            f"{flag} {value}: dataset {dataset!r} has a fixed {thing} ({what}) and no {key} option; "
+            f"leave {flag} out or use a dataset that takes it (e.g. folder:PATH)"
+        )
+    return out
