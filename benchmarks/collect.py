@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from metafew.bench import load_suite
-from metafew.bench.runner import write_outputs
+from metafew.bench.runner import _same_row, report_keys, write_outputs
 
 
 def main() -> None:
@@ -27,19 +27,60 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--command", help="the command the rows were run with, recorded in the JSON")
     p.add_argument("--commit", help="the code the rows ran on (default: none recorded; this checkout may differ)")
+    p.add_argument(
+        "--same-backbone",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="backbone files whose tensors equal the suite's [pretrain] backbone (checked), so rows trained from them count",
+    )
     args = p.parse_args()
     suite = load_suite(args.suite)
-    found = {}
-    for cache in [c for runs in args.runs for c in sorted(runs.glob("*/result.json"))]:
-        doc = json.loads(cache.read_text())
-        found[doc["row"]["name"]] = doc["row"]
-    rows = [found[r.name] for r in suite.rows if r.name in found]
-    missing = [r.name for r in suite.rows if r.name not in found]
+    caches = sorted((c for runs in args.runs for c in runs.glob("*/result.json")), key=lambda c: c.stat().st_mtime)
+    docs = [json.loads(c.read_text()) for c in caches]
+    rows, missing = [], []
+    stem = None if suite.pretrain is None else f"pretrain-{suite.pretrain.backbone}-{suite.pretrain.dataset}-"
+    stem = stem and stem + suite.pretrain.key()  # type: ignore[union-attr]
+
+    same = {p.name for p in args.same_backbone if _equal_tensors(p, _pretrained(args.runs, stem))}
+
+    def spec_of(doc: dict) -> dict:
+        spec = dict(doc.get("spec", {}))
+        ckpt = spec.get("backbone_checkpoint")
+        if stem and ckpt and (Path(ckpt).name.startswith(stem) or Path(ckpt).name in same):  # the [pretrain] one
+            spec["backbone_checkpoint"] = None
+        return spec
+
+    for bench in suite.rows:
+        # The newest cached result of this row's exact settings; a row renamed since it ran
+        # (same settings, other name) is still found, and reported under its current name.
+        found = [d["row"] for d in docs if _same_row(spec_of(d), bench.to_dict())]
+        if found:
+            rows.append(report_keys(found[-1], bench))
+        else:
+            missing.append(bench.name)
     write_outputs(suite, rows, args.out)
     doc = json.loads(args.out.read_text())
     doc.update(command=args.command, git_commit=args.commit, rows_not_run=missing)
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"{args.out}: {len(rows)} rows" + (f"; not run: {', '.join(missing)}" if missing else ""))
+
+
+def _pretrained(runs: list[Path], stem: str | None) -> Path | None:
+    """The suite's [pretrain] backbone in one of the run folders."""
+    found = [p for r in runs for p in sorted(r.glob(f"{stem}*.safetensors"))] if stem else []
+    return found[0] if found else None
+
+
+def _equal_tensors(a: Path, b: Path | None) -> bool:
+    """Whether two safetensors files hold the same tensors, bit for bit (metadata aside)."""
+    if b is None:
+        return False
+    import torch
+    from safetensors.torch import load_file
+
+    x, y = load_file(a), load_file(b)
+    return set(x) == set(y) and all(torch.equal(x[k], y[k]) for k in x)
 
 
 if __name__ == "__main__":

@@ -103,12 +103,49 @@ def roofline_table(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + f"\n\n{meta}\n"
 
 
+def mmap_table(doc: dict[str, Any]) -> str:
+    """The table of ``benchmarks/mmap_storage.py`` (in-memory vs memory-mapped storage), as it wrote it."""
+    m = doc["machine"]
+    load = ", ".join(f"{x:.1f}" for x in m.get("load_average", []))
+    meta = (
+        f"{m['cpu']}, {m['cores']} cores (load average {load}), {m['torch_threads']} torch thread, torch {m['torch']}, "
+        f"{m['date']}; command: `{doc['command']}`"
+    )
+    return doc["table"].rstrip("\n") + f"\n\n{meta}\n"
+
+
+def distributed_table(doc: dict[str, Any]) -> str:
+    """The table of ``benchmarks/distributed.py``: episodes/s with 1 and 2 processes, scaling efficiency."""
+    lines = [
+        "| learner | episodes | 1 process x 1 thread | 1 process x 2 threads | 2 processes x 1 thread | scaling efficiency |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in doc["results"]:
+        rate = {(x["processes"], x["threads"]): x["episodes_per_s"] for x in r["runs"]}
+        shown = [f"{rate[k]:.2f} ep/s" if k in rate else "" for k in ((1, 1), (1, 2), (2, 1))]
+        setting = f"{r['way']}-way {r['shot']}-shot, {r['query']} queries, meta-batch {r['meta_batch']}"
+        lines.append(f"| {r['learner']} | {setting} | {' | '.join(shown)} | {r['scaling_efficiency']:.2f} |")
+    m = doc["machine"]
+    meta = f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['date']}; {doc.get('note') or ''}; command: `{doc['command']}`"
+    return "\n".join(lines) + f"\n\n{meta}\n"
+
+
 def render(text: str, base: Path) -> str:
     """``text`` with every marked table regenerated from its JSON file (paths relative to ``base``)."""
 
     def fill(m: re.Match[str]) -> str:
         doc = json.loads((base / m["file"]).read_text())
-        kind = alignment_table if "meta" in doc else roofline_table if "limit_gflops" in doc else table
+        kind = (
+            alignment_table
+            if "meta" in doc
+            else roofline_table
+            if "limit_gflops" in doc
+            else mmap_table
+            if isinstance(doc.get("table"), str)
+            else distributed_table
+            if str(doc.get("benchmark", "")).startswith("distributed")
+            else table
+        )
         return m.group(1) + kind(doc) + m.group(4)
 
     return MARK.sub(fill, text)
