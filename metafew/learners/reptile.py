@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..data.episodes import EpisodeBatch
-from ..errors import MetafewError
+from ..errors import ConfigError, MetafewError
 from .base import (
     Learner,
     accuracy,
@@ -121,7 +121,7 @@ class Reptile(Learner):
         if not (head_scale > 0 and math.isfinite(head_scale)):
             raise MetafewError(f"Reptile: head_scale must be a finite number > 0, got {head_scale!r}")
         if head_init == "learned" and n_way is None:
-            raise MetafewError("Reptile: head_init='learned' needs n_way (or use head_init='prototypes')")
+            raise ConfigError("Reptile: head_init='learned' needs n_way (or use head_init='prototypes')")
         if not hasattr(backbone, "out_features"):
             raise MetafewError("Reptile: the backbone must state its feature size as `out_features`")
         self.n_way = n_way
