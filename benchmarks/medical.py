@@ -1,40 +1,65 @@
 #!/usr/bin/env python
-"""Few-shot adaptation to MedMNIST (PneumoniaMNIST, BreastMNIST): the suite benchmarks/suites/medical.toml.
+"""Few-shot adaptation to MedMNIST (PneumoniaMNIST, BreastMNIST, DermaMNIST): the suite benchmarks/suites/medical.toml.
 
 For every dataset x backbone x method x K, ``draws`` seeded support draws of K images per
 class from the official train split are adapted to (exactly as ``metafew adapt`` does)
-and each is scored on the whole official test split: accuracy, balanced accuracy and AUC
-with 95% CIs over draws, beside the MedMNIST v2 ResNet-18 figures and the test split's
-majority-class rate.
+and each is scored on the whole official test split: accuracy, balanced accuracy and macro
+AUC, beside the MedMNIST v2 ResNet-18 figures and the test split's majority-class rate.
+
+Every cell reports three intervals, each covering a different source of variation
+(``meta.intervals`` in the JSON says the same):
+
+* ``draws``: 95% CI of the mean over the support draws, with the backbone of the first
+  pretraining seed and the official test split as the only test set (what earlier
+  versions of this suite reported);
+* ``seeds``: each backbone is pretrained once per ``--pretrain-seeds`` seed; every seed is
+  scored on the *same* support draws; the per-seed means over draws get a Student-t 95%
+  interval over seeds (df = seeds - 1), and ``pooled`` gives the grand mean over draws x
+  seeds with a 95% normal interval from the two-way crossed variance components
+  (seed + draw + residual), so both the backbone's pretraining and the support draw vary;
+* ``test_bootstrap``: the percentile 95% interval of the grand mean over ``--bootstrap``
+  (1,000) resamples of the test images, with every seed and draw re-scored on each
+  resample: the test split's own sampling error.
+
+Two baselines that need no backbone (:mod:`metafew.adaptation.baselines`: nearest class mean
+and a logistic-regression probe, both on standardised pixels) are scored on the same draws
+and test split at every dataset and K, and the best model cell at each dataset and K (by
+balanced accuracy) gets its paired difference to each baseline over the draws.
 
 Backbones are pretrained with :func:`metafew.pretrain` when their checkpoint is missing,
 and cached in ``--backbone-dir`` (default ``<metafew cache>/pretrained/medical``), named by
-a hash of their recipe, so a changed recipe never reuses a stale checkpoint.
-Results are written after every cell to ``<out>/medical.json``; a rerun skips the cells
-already there (same settings), so an interrupted run resumes.
+a hash of their recipe (the pretraining seed included), so a changed recipe never reuses a
+stale checkpoint. Results are written after every cell to ``<out>/<name>.json``; a rerun
+skips the cells already there (same settings), so an interrupted run resumes. A dataset
+missing from the data root is skipped with a message saying how to download it.
 
     python benchmarks/medical.py                       # the whole suite (see --help for run time)
     python benchmarks/medical.py --quick               # a smoke run, minutes on a CPU
-    python benchmarks/medical.py --datasets pneumoniamnist --methods protonet --shots 10
+    python benchmarks/medical.py --datasets pneumoniamnist --methods protonet --shots 10 --pretrain-seeds 0 1 2
+    python benchmarks/medical.py --baselines only      # the pixel baselines alone (seconds per cell)
     python benchmarks/medical.py --tune                # the MAML / fine-tuning option sweep on the VALIDATION split
 
-Outputs in --out (default results/medical, or results/medical-quick): medical.json,
-medical.md (tables), medical_accuracy.png and medical_auc.png (metric against K, one
-panel per dataset and backbone, one line per method, the ResNet-18 figure dashed).
+Outputs in --out (default results/medical, or results/medical-quick): <name>.json,
+<name>.md (tables), <name>_accuracy.png and <name>_auc.png (metric against K, one panel
+per dataset and backbone, one line per method, the ResNet-18 figure dashed).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import hashlib
 import json
+import math
 import os
 import platform
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 if sys.version_info >= (3, 11):
@@ -44,18 +69,41 @@ else:  # pragma: no cover
 
 HERE = Path(__file__).resolve().parent
 SUITE = HERE / "suites" / "medical.toml"
-OTHER = {"pneumoniamnist": "breastmnist", "breastmnist": "pneumoniamnist"}
+# "medmnist-other": the backbone of each dataset is pretrained on this other MedMNIST set
+OTHER = {
+    "pneumoniamnist": "breastmnist",
+    "breastmnist": "pneumoniamnist",
+    "dermamnist": "bloodmnist",
+    "bloodmnist": "dermamnist",
+}
+METRICS = ("accuracy", "balanced_accuracy", "auc")
+BASELINE_ROWS = {"pixels-nearest-mean": "nearest_mean_pixels", "pixels-logistic": "logistic_pixels"}
+INTERVALS = {
+    "draws": "95% CI (1.96 std / sqrt(draws)) of the mean over the support draws, with the backbone of the "
+    "first pretraining seed and the official test split as the only test set",
+    "seeds": "each backbone pretrained once per seed and scored on the same support draws; mean over seeds of "
+    "the per-seed means over draws, Student-t 95% interval over seeds (df = seeds - 1)",
+    "pooled": "grand mean over draws x seeds; 95% normal interval of it with draws and seeds both random "
+    "(two-way crossed variance components: var = (MS_seed + MS_draw - MS_residual) / (seeds x draws))",
+    "test_bootstrap": "percentile 95% interval of the grand mean over resamples (with replacement) of the test "
+    "images, every seed and draw re-scored on each resample: the sampling error of the test split",
+    "difference": "best model cell minus baseline, paired on the same draws (the model's per-draw value "
+    "averaged over pretraining seeds): mean and 95% CI over draws; per_seed: the same for each seed alone. "
+    "The best cell is chosen on the test split itself, which flatters it slightly",
+}
+Log = Callable[[str], None]
 
 
 # -- configuration ----------------------------------------------------------------------
 
 
 def load_suite(path: Path, quick: bool) -> dict[str, Any]:
+    """The suite TOML as a dict, with its ``[quick]`` settings applied when ``quick``."""
     with open(path, "rb") as f:
         suite = tomllib.load(f)
     if quick:
         q = suite.get("quick", {})
-        for key in ("shots", "draws", "backbones", "datasets", "methods"):
+        for key in ("shots", "draws", "backbones", "datasets", "methods", "pretrain_seeds"):
             if key in q:
                 suite[key] = q[key]
         if "pretrain_epochs" in q:
@@ -64,16 +112,30 @@ def load_suite(path: Path, quick: bool) -> dict[str, Any]:
     return suite
 
 
-def recipe_for(suite: dict[str, Any], backbone: str, dataset: str) -> dict[str, Any]:
+def recipe_for(suite: dict[str, Any], backbone: str, dataset: str, seed: int | None = None) -> dict[str, Any]:
+    """The pretraining recipe of ``backbone`` for ``dataset`` ("medmnist-other" resolved), with its seed."""
     recipe = dict(suite["pretrain"][backbone])
     if recipe["dataset"] == "medmnist-other":
         recipe["dataset"] = OTHER[dataset]
     recipe.setdefault("seed", suite.get("seed", 0))
+    if seed is not None:
+        recipe["seed"] = int(seed)
     return recipe
 
 
 def recipe_key(recipe: dict[str, Any]) -> str:
+    """A short hash of the recipe: names its cached checkpoint."""
     return hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def missing_medmnist(name: str, data_root: str | None) -> str | None:
+    """Why MedMNIST ``name`` cannot be read from the data root (None: it is there)."""
+    from metafew.data.medmnist import _candidates, find_medmnist
+
+    if find_medmnist(name, data_root) is not None:
+        return None
+    looked = ", ".join(str(p) for p in _candidates(name, data_root))
+    return f"{name}: not in the data root (looked for {looked}); skipped — download with `metafew data download {name}`"
 
 
 # -- backbones --------------------------------------------------------------------------
@@ -93,7 +155,9 @@ def pretraining_data(recipe: dict[str, Any], data_root: str | None):
     return MedMNIST(name, subset, root=data_root)
 
 
-def ensure_backbone(recipe: dict[str, Any], folder: Path, device: torch.device, data_root: str | None, log) -> Path:
+def ensure_backbone(
+    recipe: dict[str, Any], folder: Path, device: torch.device, data_root: str | None, log: Log
+) -> Path:
     """The recipe's checkpoint, pretrained now if it is not cached yet."""
     from metafew import pretrain
 
@@ -102,7 +166,8 @@ def ensure_backbone(recipe: dict[str, Any], folder: Path, device: torch.device, 
         return path
     ds = pretraining_data(recipe, data_root)
     log(
-        f"pretraining {recipe['arch']} on {ds.name} ({len(ds)} images, {ds.num_classes} classes, {recipe['epochs']} epochs) -> {path}"
+        f"pretraining {recipe['arch']} on {ds.name} ({len(ds)} images, {ds.num_classes} classes, "
+        f"{recipe['epochs']} epochs, seed {recipe['seed']}) -> {path}"
     )
     t0 = time.perf_counter()
     pretrain(
@@ -114,84 +179,353 @@ def ensure_backbone(recipe: dict[str, Any], folder: Path, device: torch.device, 
     return path
 
 
-# -- one cell ---------------------------------------------------------------------------
+# -- scoring draws ----------------------------------------------------------------------
 
 
-def run_cell(
-    dataset: str, backbone_path: Path, method: str, shots: int, draws: int, seed: int,
-    options: dict[str, Any], device: torch.device, data_root: str | None, split: str = "test",
-    bn_stats: str = "support",
-) -> dict[str, Any]:  # fmt: skip
-    """Adapt ``draws`` times to K train images per class, score each on the whole ``split``."""
-    from metafew.adaptation import DEFAULT_OPTIONS, estimate, resolve_backbone
+def support_plan(pool_labels: torch.Tensor, classes: Sequence[str], shots: int) -> list[int]:
+    """Per-class support sizes of a draw scored on a separate test set (as :func:`metafew.adaptation.estimate`)."""
+    from metafew.adaptation.estimate import support_sizes
+
+    counts = torch.bincount(pool_labels, minlength=len(classes)).tolist()
+    return support_sizes(counts, shots, classes)[1]
+
+
+def draw_indices(pool_labels: torch.Tensor, sizes: Sequence[int], seed: int, draw: int) -> torch.Tensor:
+    """Support indices of draw number ``draw``: the same draw :func:`metafew.adaptation.estimate` makes."""
+    from metafew.adaptation.estimate import draw_support
+    from metafew.seeding import generator
+
+    return draw_support(pool_labels, sizes, generator(seed, f"draw-{draw}"))[0]
+
+
+def draw_metrics(log_probs: torch.Tensor, labels: torch.Tensor, classes: Sequence[str]) -> dict[str, float | None]:
+    """Accuracy, balanced accuracy and macro AUC of one draw's scores on the test images."""
+    from metafew.adaptation.metrics import compute_metrics
+
+    m = compute_metrics(log_probs, labels, classes)
+    return {"accuracy": m.accuracy, "balanced_accuracy": m.balanced_accuracy, "auc": m.auc}
+
+
+def model_draws(
+    dataset: str, backbone_path: Path, method: str, shots: int, draws: int, seed: int, options: dict[str, Any],
+    device: torch.device, data_root: str | None, split: str = "test", bn_stats: str = "support",
+) -> tuple[torch.Tensor, dict[str, Any]]:  # fmt: skip
+    """Adapt to ``draws`` support draws (as :func:`metafew.adaptation.estimate` does) and score each on ``split``.
+
+    Returns the log-probabilities ``[draws, M, classes]`` on the ``M`` images of ``split``
+    and facts on the run (options, seconds).
+    """
+    from metafew.adaptation import DEFAULT_OPTIONS, resolve_backbone
+    from metafew.adaptation.estimate import adapt_on, deployment_policy, predict_logits
     from metafew.data.medmnist import MedMNIST
     from metafew.learners import create
+    from metafew.seeding import derive_seed
 
+    t0 = time.perf_counter()
     pool = MedMNIST(dataset, "train", root=data_root)
     test = MedMNIST(dataset, split, root=data_root)
     module, prep, _ = resolve_backbone(str(backbone_path), device=device)
     opts = {**DEFAULT_OPTIONS[method], **options}
     learner = create(method, module, **opts).to(device).eval()
-    report = estimate(
-        learner, pool.images, pool.labels, pool.classes, prep, method=method, shots=shots, draws=draws,
-        seed=seed, device=device, test=(test.images, test.labels, test.name), warn=False, bn_stats=bn_stats,
-    )  # fmt: skip
-    counts = torch.bincount(test.labels, minlength=len(test.classes))
-    return {
-        "accuracy": report.accuracy.mean, "accuracy_ci95": report.accuracy.ci95,
-        "balanced_accuracy": report.balanced_accuracy.mean, "balanced_accuracy_ci95": report.balanced_accuracy.ci95,
-        "auc": report.auc.mean if report.auc else None, "auc_ci95": report.auc.ci95 if report.auc else None,
-        "accuracy_range": [report.accuracy.low, report.accuracy.high],
-        "recall": report.recall, "test_images": len(test), "majority_rate": float(counts.max() / counts.sum()),
-        "options": opts, "bn_stats": bn_stats, "seconds": round(report.seconds, 2),
-        "per_draw_accuracy": [d["accuracy"] for d in report.per_draw],
-        "per_draw_auc": [d["auc"] for d in report.per_draw],
-    }  # fmt: skip
+    bn = deployment_policy(learner, bn_stats, "support")  # type: ignore[arg-type]
+    sizes = support_plan(pool.labels, pool.classes, shots)
+    images, labels = pool.images, pool.labels
+    out = []
+    for i in range(draws):
+        support = draw_indices(labels, sizes, seed, i)
+        clf = adapt_on(learner, images, labels, support, prep, device, derive_seed(seed, f"adapt-{i}"), bn)
+        out.append(predict_logits(clf, test.images, prep, device).log_softmax(-1))
+        del clf
+    return torch.stack(out), {"options": opts, "bn_stats": bn_stats, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def baseline_draws(
+    dataset: str, baseline: str, shots: int, draws: int, seed: int, device: torch.device, data_root: str | None,
+    split: str = "test",
+) -> tuple[torch.Tensor, dict[str, Any]]:  # fmt: skip
+    """Log-probabilities ``[draws, M, classes]`` of a pixel baseline (``BASELINE_ROWS``) on the same draws."""
+    from metafew.adaptation.baselines import BASELINES, FUNCTIONS
+    from metafew.data.medmnist import MedMNIST
+
+    t0 = time.perf_counter()
+    fn_name = BASELINE_ROWS[baseline]
+    fn = FUNCTIONS[fn_name]
+    pool = MedMNIST(dataset, "train", root=data_root)
+    test = MedMNIST(dataset, split, root=data_root)
+    sizes = support_plan(pool.labels, pool.classes, shots)
+    xq = test.images.to(device)
+    out = []
+    for i in range(draws):
+        support = draw_indices(pool.labels, sizes, seed, i)
+        logits = fn(pool.images[support].to(device), pool.labels[support], xq, len(pool.classes)).cpu()
+        out.append(logits.double().log_softmax(-1).float())  # -inf (a class absent from the support) stays -inf
+    return torch.stack(out), {"description": BASELINES[fn_name], "seconds": round(time.perf_counter() - t0, 2)}
+
+
+# -- intervals --------------------------------------------------------------------------
+
+
+def t_quantile(df: int) -> float:
+    """The 97.5th percentile of Student's t with ``df`` degrees of freedom."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, df))
+
+
+def mean_ci(values: Sequence[float]) -> dict[str, float | None]:
+    """``{"mean", "ci95"}``: mean and 1.96 std / sqrt(n) (None for one value)."""
+    v = np.asarray(values, dtype=np.float64)
+    ci = float(1.96 * v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None
+    return {"mean": float(v.mean()), "ci95": ci}
+
+
+def seed_interval(table: np.ndarray) -> dict[str, Any]:
+    """``table[seed, draw]`` -> per-seed means over draws and their Student-t 95% interval over seeds."""
+    per_seed = np.nanmean(table, axis=1)
+    s = len(per_seed)
+    ci = float(t_quantile(s - 1) * per_seed.std(ddof=1) / math.sqrt(s)) if s > 1 else None
+    return {"mean": float(per_seed.mean()), "ci95": ci, "per_seed": [float(x) for x in per_seed], "seeds": s}
+
+
+def pooled_interval(table: np.ndarray) -> dict[str, Any]:
+    """``table[seed, draw]`` -> grand mean and its 95% interval with seeds and draws both random (crossed design)."""
+    s, d = table.shape
+    grand = float(table.mean())
+    out: dict[str, Any] = {"mean": grand, "ci95": None}
+    if s < 2 or d < 2:
+        return out
+    seed_means, draw_means = table.mean(1), table.mean(0)
+    ms_seed = d * float(((seed_means - grand) ** 2).sum()) / (s - 1)
+    ms_draw = s * float(((draw_means - grand) ** 2).sum()) / (d - 1)
+    resid = table - seed_means[:, None] - draw_means[None, :] + grand
+    ms_res = float((resid**2).sum()) / ((s - 1) * (d - 1))
+    var = max(ms_seed + ms_draw - ms_res, ms_res) / (s * d)
+    out["ci95"] = float(1.96 * math.sqrt(var))
+    out["variance_components"] = {
+        "seed": max((ms_seed - ms_res) / d, 0.0),
+        "draw": max((ms_draw - ms_res) / s, 0.0),
+        "residual": ms_res,
+    }
+    return out
+
+
+def bootstrap_cell(
+    log_probs: torch.Tensor, labels: torch.Tensor, num_classes: int, resamples: int, seed: int
+) -> dict[str, tuple[float, float] | None]:
+    """Percentile 95% intervals of the mean over runs of accuracy, balanced accuracy and AUC, resampling test images.
+
+    ``log_probs``: ``[runs, M, C]`` (runs: seeds x draws) on the same ``M`` test images.
+    Accuracy and balanced accuracy use :func:`metafew.adaptation.metrics.bootstrap_draws_interval`;
+    the AUC resamples the same way, each replicate's image multiset shared by all runs.
+    """
+    from metafew.adaptation.metrics import bootstrap_draws_interval
+    from metafew.engine.evaluate import macro_auc
+
+    runs, m = log_probs.shape[:2]
+    y = labels.long()
+    idx = np.arange(m)
+    correct = (log_probs.argmax(-1) == y).numpy()
+    out: dict[str, tuple[float, float] | None] = dict(
+        bootstrap_draws_interval(
+            [(idx, y.numpy(), correct[r]) for r in range(runs)], m, num_classes, resamples=resamples, seed=seed
+        )
+    )
+    gen = torch.Generator().manual_seed(seed + 1)
+    picks = torch.randint(0, m, (resamples, m), generator=gen)
+    total = torch.zeros(resamples, dtype=torch.float64)
+    count = torch.zeros(resamples, dtype=torch.float64)
+    chunk = max(1, 2_000_000 // max(m * num_classes, 1))
+    for r in range(runs):
+        s = log_probs[r].double().nan_to_num(neginf=-1e30)
+        for a in range(0, resamples, chunk):
+            p = picks[a : a + chunk]
+            auc = macro_auc(s[p], y[p], num_classes)
+            ok = ~auc.isnan()
+            total[a : a + chunk] += torch.where(ok, auc, 0.0)
+            count[a : a + chunk] += ok.double()
+    rep = (total / count)[count > 0]
+    out["auc"] = None
+    if rep.numel() >= resamples // 2:
+        lo, hi = np.percentile(rep.numpy(), [2.5, 97.5])
+        out["auc"] = (float(lo), float(hi))
+    return out
+
+
+def summarise(
+    log_probs: torch.Tensor, labels: torch.Tensor, classes: Sequence[str], resamples: int, seed: int
+) -> dict[str, Any]:
+    """Per-draw metrics and every interval of a cell; ``log_probs``: ``[seeds, draws, M, C]``."""
+    s, d = log_probs.shape[:2]
+    per = [[draw_metrics(log_probs[i, j], labels, classes) for j in range(d)] for i in range(s)]
+    cell: dict[str, Any] = {"per_draw": {}, "metrics": {}}
+    for metric in METRICS:
+        table = np.array([[np.nan if x[metric] is None else x[metric] for x in row] for row in per], dtype=np.float64)
+        cell["per_draw"][metric] = table.tolist()  # [seed][draw]
+        if np.isnan(table).all():
+            cell["metrics"][metric] = None
+            continue
+        first = table[0][~np.isnan(table[0])]
+        cell["metrics"][metric] = {
+            "draws": {**mean_ci(first), "seed_index": 0, "low": float(np.percentile(first, 2.5)),
+                      "high": float(np.percentile(first, 97.5))},
+            "seeds": seed_interval(table),
+            "pooled": pooled_interval(np.nan_to_num(table, nan=float(np.nanmean(table)))),
+        }  # fmt: skip
+    if resamples:
+        boot = bootstrap_cell(log_probs.flatten(0, 1), labels, len(classes), resamples, seed)
+        for metric in METRICS:
+            if cell["metrics"][metric] is not None:
+                cell["metrics"][metric]["test_bootstrap"] = boot.get(metric)
+    for metric in METRICS:  # flat figures, for the plots and a quick look
+        mm = cell["metrics"][metric]
+        cell[metric] = None if mm is None else mm["pooled"]["mean"]
+        cell[f"{metric}_ci95"] = None if mm is None else (mm["seeds"]["ci95"] or mm["draws"]["ci95"])
+    return cell
+
+
+def paired_differences(model: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
+    """Model minus baseline on the same draws: over draws (model averaged over seeds) and per seed."""
+    out: dict[str, Any] = {}
+    for metric in METRICS:
+        a = np.asarray(model["per_draw"][metric], dtype=np.float64)  # [seeds, draws]
+        b = np.asarray(baseline["per_draw"][metric], dtype=np.float64)[0]  # [draws]
+        if a.shape[1] != b.shape[0]:
+            continue
+        diff = a - b[None, :]
+        avg = np.nanmean(diff, axis=0)
+        avg = avg[~np.isnan(avg)]
+        if len(avg) == 0:
+            continue
+        entry: dict[str, Any] = mean_ci(avg)
+        entry["per_seed"] = [mean_ci(row[~np.isnan(row)]) for row in diff]
+        entry["excludes_zero"] = entry["ci95"] is not None and abs(entry["mean"]) > entry["ci95"]
+        out[metric] = entry
+    return out
+
+
+def best_cells(results: dict[str, Any]) -> dict[tuple[str, int], str]:
+    """Per (dataset, K): the key of the model cell with the highest mean balanced accuracy."""
+    best: dict[tuple[str, int], tuple[float, str]] = {}
+    for key, c in results["cells"].items():
+        if c.get("kind") != "model" or c.get("balanced_accuracy") is None:
+            continue
+        k = (c["dataset"], c["shots"])
+        if k not in best or c["balanced_accuracy"] > best[k][0]:
+            best[k] = (c["balanced_accuracy"], key)
+    return {k: v[1] for k, v in best.items()}
+
+
+def compare_to_baselines(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per dataset and K: the best model cell, and its paired difference to each baseline cell on the same draws."""
+    rows = []
+    for (dataset, shots), key in sorted(best_cells(results).items()):
+        model = results["cells"][key]
+        row: dict[str, Any] = {
+            "dataset": dataset, "shots": shots, "model": {k: model[k] for k in ("backbone", "method")},
+            "pretrain_seeds": model["pretrain_seeds"], "baselines": {},
+        }  # fmt: skip
+        for c in results["cells"].values():
+            same = c["dataset"] == dataset and c["shots"] == shots and c["draws"] == model["draws"]
+            if c.get("kind") == "baseline" and same and c["draw_seed"] == model["draw_seed"]:
+                row["baselines"][c["method"]] = paired_differences(model, c)
+        if row["baselines"]:
+            rows.append(row)
+    return rows
 
 
 # -- reporting --------------------------------------------------------------------------
 
 
+def _iv(m: dict[str, Any] | None, part: str) -> str:
+    if m is None or m.get(part) is None:
+        return "n/a"
+    p = m[part]
+    if part == "test_bootstrap":
+        return f"{p[0]:.3f}–{p[1]:.3f}"
+    return f"{p['mean']:.3f} ± {p['ci95']:.3f}" if p.get("ci95") is not None else f"{p['mean']:.3f}"
+
+
 def write_markdown(results: dict[str, Any], suite: dict[str, Any], path: Path) -> None:
-    lines = [f"# {suite.get('description', 'medical')}", ""]
+    """The tables: every cell with its draw, seed, pooled and bootstrap intervals; then the baseline comparison."""
     meta = results["meta"]
-    lines.append(f"{meta['draws']} support draws per cell (seed {meta['seed']}), scored on the whole official test split; "
-                 f"mean ± 95% CI over draws. Device: {meta['device']}.")  # fmt: skip
+    lines = [f"# {suite.get('description', 'medical')}", ""]
+    lines.append(
+        f"{meta['draws']} support draws per cell (draw seed {meta['seed']}), backbones pretrained with seeds "
+        f"{', '.join(map(str, meta['pretrain_seeds']))}, scored on the whole official test split. "
+        f"Device: {meta['device']}; torch {meta['torch']}; {meta['date']}."
+    )
+    lines += ["", "What each interval covers:", ""]
+    lines += [f"- **{k}**: {v}." for k, v in INTERVALS.items()]
     lines.append("")
+    for skipped in results.get("skipped", []):
+        lines += [f"- {skipped}", ""]
     for ds in suite["datasets"]:
         ref = suite.get("reference", {}).get(ds, {})
         cells = [c for c in results["cells"].values() if c["dataset"] == ds]
         if not cells:
             continue
-        majority = cells[0]["majority_rate"]
         lines += [
-            f"## {ds} (test split: {cells[0]['test_images']} images; majority class rate {majority:.3f})",
+            f"## {ds} (test split: {cells[0]['test_images']} images; majority class rate {cells[0]['majority_rate']:.3f})",
             "",
-            f"Reference: {ref.get('source', '')}: accuracy {ref.get('accuracy', 'n/a')}, AUC {ref.get('auc', 'n/a')} "
-            "(trained on the whole training split).",
-            "",
-            "| backbone | method | K | accuracy | balanced acc. | AUC | seconds |",
-            "|---|---|---:|---|---|---|---:|",
         ]
-        for c in sorted(cells, key=lambda c: (c["backbone"], c["method"], c["shots"])):
-            auc = "n/a" if c["auc"] is None else f"{c['auc']:.3f} ± {c['auc_ci95']:.3f}"
-            lines.append(
-                f"| {c['backbone']} | {c['method']} | {c['shots']} | {c['accuracy']:.3f} ± {c['accuracy_ci95']:.3f} | "
-                f"{c['balanced_accuracy']:.3f} ± {c['balanced_accuracy_ci95']:.3f} | {auc} | {c['seconds']:.0f} |"
-            )
+        if ref:
+            lines += [
+                f"Reference: {ref.get('source', '')}: accuracy {ref.get('accuracy', 'n/a')}, AUC {ref.get('auc', 'n/a')} "
+                "(trained on the whole training split).",
+                "",
+            ]
+        for metric in METRICS:
+            lines += [
+                f"{metric.replace('_', ' ')}:",
+                "",
+                "| backbone | method | K | seeds | draws (first seed) | over seeds (t) | draws x seeds | test bootstrap |",
+                "|---|---|---:|---:|---|---|---|---|",
+            ]
+            for c in sorted(cells, key=lambda c: (c["backbone"] or "", c["method"], c["shots"])):
+                m = c["metrics"][metric]
+                lines.append(
+                    f"| {c['backbone'] or '—'} | {c['method']} | {c['shots']} | {len(c['pretrain_seeds']) or '—'} | "
+                    f"{_iv(m, 'draws')} | {_iv(m, 'seeds')} | {_iv(m, 'pooled')} | {_iv(m, 'test_bootstrap')} |"
+                )
+            lines.append("")
+    comparison = results.get("comparison") or []
+    if comparison:
+        lines += [
+            "## Best model cell minus each baseline, paired on the same draws (mean ± 95% CI over draws)",
+            "",
+            "| dataset | K | model | baseline | balanced acc. | AUC | accuracy |",
+            "|---|---:|---|---|---|---|---|",
+        ]
+        for row in comparison:
+            for name, d in row["baselines"].items():
+
+                def fmt(metric: str, d: dict[str, Any] = d) -> str:
+                    x = d.get(metric)
+                    if not x:
+                        return "n/a"
+                    star = "" if x["excludes_zero"] else " (CI includes 0)"
+                    return f"{x['mean']:+.3f} ± {x['ci95']:.3f}{star}"
+
+                model = f"{row['model']['backbone']} {row['model']['method']} ({len(row['pretrain_seeds'])} seeds)"
+                lines.append(
+                    f"| {row['dataset']} | {row['shots']} | {model} | {name} | {fmt('balanced_accuracy')} | "
+                    f"{fmt('auc')} | {fmt('accuracy')} |"
+                )
         lines.append("")
     path.write_text("\n".join(lines) + "\n")
 
 
 def plot(results: dict[str, Any], suite: dict[str, Any], metric: str, path: Path) -> None:
+    """Metric against K, one panel per dataset and backbone, one line per method (baselines dotted)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cells = list(results["cells"].values())
-    datasets = [d for d in suite["datasets"] if any(c["dataset"] == d for c in cells)]
-    backbones = [b for b in suite["backbones"] if any(c["backbone"] == b for c in cells)]
+    cells = [c for c in results["cells"].values() if c[metric] is not None]
+    models = [c for c in cells if c.get("kind") == "model"]
+    datasets = [d for d in suite["datasets"] if any(c["dataset"] == d for c in models)]
+    backbones = [b for b in suite["backbones"] if any(c["backbone"] == b for c in models)]
     if not datasets or not backbones:
         return
     fig, axes = plt.subplots(
@@ -201,12 +535,13 @@ def plot(results: dict[str, Any], suite: dict[str, Any], metric: str, path: Path
         ref = suite.get("reference", {}).get(ds, {})
         for j, bb in enumerate(backbones):
             ax = axes[i][j]
-            for method in suite["methods"]:
-                pts = sorted((c["shots"], c[metric], c[f"{metric}_ci95"]) for c in cells
-                             if c["dataset"] == ds and c["backbone"] == bb and c["method"] == method and c[metric] is not None)  # fmt: skip
+            lines = [(m, bb, "-") for m in suite["methods"]] + [(b, None, ":") for b in BASELINE_ROWS]
+            for method, backbone, style in lines:
+                pts = sorted((c["shots"], c[metric], c[f"{metric}_ci95"] or 0.0) for c in cells
+                             if c["dataset"] == ds and c["backbone"] == backbone and c["method"] == method)  # fmt: skip
                 if pts:
                     k, m, ci = zip(*pts)
-                    ax.errorbar(k, m, yerr=ci, marker="o", capsize=3, label=method)
+                    ax.errorbar(k, m, yerr=ci, marker="o", capsize=3, ls=style, label=method)
             if metric in ref:
                 ax.axhline(ref[metric], ls="--", color="gray", label=f"ResNet-18, all {ds} train ({ref[metric]:.3f})")
             if metric == "accuracy":
@@ -235,38 +570,56 @@ TUNE_GRID: dict[str, list[dict[str, Any]]] = {
 }
 
 
-def tune(args: argparse.Namespace, suite: dict[str, Any], device: torch.device, backbone_dir: Path, log) -> None:
+def tune(args: argparse.Namespace, suite: dict[str, Any], device: torch.device, backbone_dir: Path, log: Log) -> None:
     """Score each option set of TUNE_GRID on PneumoniaMNIST's validation split (never the test split)."""
+    from metafew.data.medmnist import MedMNIST
+
     recipe = recipe_for(suite, "omniglot", "pneumoniamnist")
     path = ensure_backbone(recipe, backbone_dir, device, args.data_root, log)
+    val = MedMNIST("pneumoniamnist", "val", root=args.data_root)
     for method, grid in TUNE_GRID.items():
         for opts in grid:
             for k in (5, 10):
-                r = run_cell(
-                    "pneumoniamnist",
-                    path,
-                    method,
-                    k,
-                    args.draws or 20,
-                    1000 + suite["seed"],
-                    opts,
-                    device,
-                    args.data_root,
-                    split="val",
-                )
+                lp, facts = model_draws(
+                    "pneumoniamnist", path, method, k, args.draws or 20, 1000 + suite["seed"], opts, device,
+                    args.data_root, split="val",
+                )  # fmt: skip
+                r = summarise(lp[None], val.labels, val.classes, 0, 0)
                 log(
-                    f"{method} {opts} K={k}: val accuracy {r['accuracy']:.3f}, balanced {r['balanced_accuracy']:.3f}, AUC {r['auc']:.3f} ({r['seconds']:.0f} s)"
+                    f"{method} {opts} K={k}: val accuracy {r['accuracy']:.3f}, balanced {r['balanced_accuracy']:.3f}, "
+                    f"AUC {r['auc']:.3f} ({facts['seconds']:.0f} s)"
                 )
 
 
 # -- main -------------------------------------------------------------------------------
 
 
+def _save(results: dict[str, Any], path: Path) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _line(cell: dict[str, Any]) -> str:
+    parts = []
+    for metric in METRICS:
+        m = cell["metrics"][metric]
+        if m is None:
+            continue
+        text = f"{metric} {_iv(m, 'draws')} (seeds {_iv(m, 'seeds')}"
+        if m.get("test_bootstrap"):
+            text += f", bootstrap {_iv(m, 'test_bootstrap')}"
+        parts.append(text + ")")
+    return "; ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the suite's cells (resuming), then write the JSON, the tables and the plots."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", type=Path, default=SUITE, help="suite TOML")
     parser.add_argument("--quick", action="store_true", help="the [quick] settings of the suite")
     parser.add_argument("--out", type=Path, help="results folder (default results/medical[-quick])")
+    parser.add_argument("--name", default="medical", help="stem of the output files (default medical)")
     parser.add_argument(
         "--backbone-dir", type=Path, help="pretrained backbone cache (default <metafew cache>/pretrained/medical)"
     )
@@ -276,22 +629,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", help="subset of the suite's methods")
     parser.add_argument("--shots", nargs="+", type=int, help="subset of the suite's K values")
     parser.add_argument("--draws", type=int, help="support draws per cell (default: the suite's)")
+    parser.add_argument(
+        "--pretrain-seeds", nargs="+", type=int, help="pretrain each backbone once per seed (default: the suite's)"
+    )
+    parser.add_argument(
+        "--bootstrap", type=int, default=1000, help="test-set bootstrap resamples per cell (0: none; default 1000)"
+    )
+    parser.add_argument(
+        "--baselines", choices=["on", "off", "only"], default="on",
+        help="pixel baseline rows at every dataset and K: with the model cells (on), not at all, or alone (only)",
+    )  # fmt: skip
+    parser.add_argument("--no-plots", action="store_true", help="write the JSON and the tables only")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--tune", action="store_true", help="run the option sweep on the validation split instead")
     args = parser.parse_args(argv)
 
+    from metafew.data.medmnist import MedMNIST
     from metafew.device import resolve_device
     from metafew.paths import cache_dir
 
     if args.threads:
         torch.set_num_threads(args.threads)
     suite = load_suite(args.suite, args.quick)
-    for key in ("datasets", "backbones", "methods", "shots"):
+    for key in ("datasets", "backbones", "methods", "shots", "pretrain_seeds"):
         if getattr(args, key):
             suite[key] = getattr(args, key)
     if args.draws and not args.tune:
         suite["draws"] = args.draws
+    seeds = [int(s) for s in suite.get("pretrain_seeds", [suite.get("seed", 0)])]
     device = resolve_device(args.device)
     out = args.out or Path("results") / ("medical-quick" if args.quick else "medical")
     out.mkdir(parents=True, exist_ok=True)
@@ -305,62 +671,106 @@ def main(argv: list[str] | None = None) -> int:
         tune(args, suite, device, backbone_dir, log)
         return 0
 
-    results_path = out / "medical.json"
+    results_path = out / f"{args.name}.json"
     results: dict[str, Any] = {"cells": {}}
     if results_path.exists():
         results = json.loads(results_path.read_text())
     results["meta"] = {
-        "suite": str(args.suite), "draws": suite["draws"], "seed": suite["seed"], "quick": args.quick,
+        "suite": str(args.suite), "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "draws": suite["draws"], "seed": suite["seed"], "pretrain_seeds": seeds, "bootstrap": args.bootstrap,
+        "quick": args.quick, "torch": torch.__version__, "python": platform.python_version(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "threads": torch.get_num_threads(),
         "device": f"{device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
         if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "intervals": INTERVALS,
     }  # fmt: skip
-    total = len(suite["datasets"]) * len(suite["backbones"]) * len(suite["methods"]) * len(suite["shots"])
+    results.setdefault("commands", []).append({k: results["meta"][k] for k in ("command", "date", "torch", "device")})
+    # what could not be run, kept across resumed runs (a list of lines; one found later drops out)
+    earlier = [line for line in results.get("skipped", []) if not line.startswith(tuple(suite["datasets"]))]
+    skipped: list[str] = []
+    datasets = []
+    for dataset in suite["datasets"]:
+        why = missing_medmnist(dataset, args.data_root)
+        if why is None:
+            datasets.append(dataset)
+        else:
+            skipped.append(why)
+            log(why)
+    methods = [] if args.baselines == "only" else suite["methods"]
+    baselines = [] if args.baselines == "off" else list(BASELINE_ROWS)
+    total = len(datasets) * len(suite["shots"]) * (len(suite["backbones"]) * len(methods) + len(baselines))
     done = 0
     start = time.perf_counter()
-    for dataset in suite["datasets"]:
-        for backbone in suite["backbones"]:
-            recipe = recipe_for(suite, backbone, dataset)
-            path = ensure_backbone(recipe, backbone_dir, device, args.data_root, log)
-            for method in suite["methods"]:
+    draws, draw_seed = suite["draws"], suite["seed"]
+    for dataset in datasets:
+        test = MedMNIST(dataset, "test", root=args.data_root)
+        counts = torch.bincount(test.labels, minlength=len(test.classes))
+        facts = {"test_images": len(test), "majority_rate": float(counts.max() / counts.sum())}
+        for k in suite["shots"]:
+            for baseline in baselines:
+                done += 1
+                key = json.dumps([dataset, "baseline", baseline, k, draws, draw_seed, args.bootstrap])
+                if key in results["cells"]:
+                    continue
+                lp, info = baseline_draws(dataset, baseline, k, draws, draw_seed, device, args.data_root)
+                cell = summarise(lp[None], test.labels, test.classes, args.bootstrap, draw_seed)
+                cell.update(
+                    kind="baseline", dataset=dataset, backbone=None, method=baseline, shots=k, draws=draws,
+                    draw_seed=draw_seed, pretrain_seeds=[], **facts, **info,
+                )  # fmt: skip
+                results["cells"][key] = cell
+                _save(results, results_path)
+                log(f"[{done}/{total}] {dataset} {baseline} K={k}: {_line(cell)} ({info['seconds']:.0f} s)")
+        for backbone in suite["backbones"] if methods else []:
+            recipes = [recipe_for(suite, backbone, dataset, s) for s in seeds]
+            reason = missing_medmnist(recipes[0]["dataset"], args.data_root) if recipes[0]["dataset"] in OTHER else None
+            if reason is not None:
+                log(f"{dataset}: backbone {backbone} cannot be pretrained: {reason}")
+                skipped.append(f"{dataset} x {backbone}: pretraining data missing: {reason}")
+                done += len(methods) * len(suite["shots"])
+                continue
+            paths = [ensure_backbone(r, backbone_dir, device, args.data_root, log) for r in recipes]
+            for method in methods:
                 options = dict(suite.get("options", {}).get(method, {}))
+                bn = suite.get("bn_stats", "support")
                 for k in suite["shots"]:
                     done += 1
-                    bn = suite.get("bn_stats", "support")
                     key = json.dumps(
-                        [dataset, backbone, recipe_key(recipe), method, options, bn, k, suite["draws"], suite["seed"]]
-                    )
+                        [dataset, backbone, [recipe_key(r) for r in recipes], method, options, bn, k, draws,
+                         draw_seed, args.bootstrap]
+                    )  # fmt: skip
                     if key in results["cells"]:
                         continue
-                    cell = run_cell(
-                        dataset,
-                        path,
-                        method,
-                        k,
-                        suite["draws"],
-                        suite["seed"],
-                        options,
-                        device,
-                        args.data_root,
-                        bn_stats=bn,
-                    )
+                    runs = [
+                        model_draws(
+                            dataset, p, method, k, draws, draw_seed, options, device, args.data_root, bn_stats=bn
+                        )
+                        for p in paths
+                    ]
+                    lp = torch.stack([r[0] for r in runs])
+                    cell = summarise(lp, test.labels, test.classes, args.bootstrap, draw_seed)
                     cell.update(
-                        dataset=dataset, backbone=backbone, method=method, shots=k, backbone_checkpoint=path.name
-                    )
+                        kind="model", dataset=dataset, backbone=backbone, method=method, shots=k, draws=draws,
+                        draw_seed=draw_seed, pretrain_seeds=seeds, backbone_checkpoints=[p.name for p in paths],
+                        options=runs[0][1]["options"], bn_stats=bn, seconds=sum(r[1]["seconds"] for r in runs), **facts,
+                    )  # fmt: skip
                     results["cells"][key] = cell
-                    tmp = results_path.with_suffix(".json.tmp")
-                    tmp.write_text(json.dumps(results, indent=1) + "\n")
-                    os.replace(tmp, results_path)
-                    auc = f"{cell['auc']:.3f}" if cell["auc"] is not None else "n/a"
+                    _save(results, results_path)
                     log(
-                        f"[{done}/{total}] {dataset} {backbone} {method} K={k}: accuracy {cell['accuracy']:.3f} ± "
-                        f"{cell['accuracy_ci95']:.3f}, balanced {cell['balanced_accuracy']:.3f}, AUC {auc} "
+                        f"[{done}/{total}] {dataset} {backbone} {method} K={k}: {_line(cell)} "
                         f"({cell['seconds']:.0f} s; {time.perf_counter() - start:.0f} s so far)"
                     )
-    write_markdown(results, suite, out / "medical.md")
-    plot(results, suite, "accuracy", out / "medical_accuracy.png")
-    plot(results, suite, "auc", out / "medical_auc.png")
-    log(f"results: {results_path}, {out / 'medical.md'}, {out / 'medical_accuracy.png'}, {out / 'medical_auc.png'}")
+    results["skipped"] = earlier + skipped
+    results["comparison"] = compare_to_baselines(results)
+    _save(results, results_path)
+    write_markdown(results, suite, out / f"{args.name}.md")
+    written = [results_path, out / f"{args.name}.md"]
+    if not args.no_plots:
+        for metric in ("accuracy", "auc"):
+            plot(results, suite, metric, out / f"{args.name}_{metric}.png")
+            written.append(out / f"{args.name}_{metric}.png")
+    log("results: " + ", ".join(str(p) for p in written))
     return 0
 
 
