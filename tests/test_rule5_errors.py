@@ -288,14 +288,21 @@ def test_ctrl_c_while_the_command_starts_up_exits_quietly():
 
     script = Path(sys.executable).with_name("metafew")
     assert script.is_file(), script
-    import_started = "import sys, time\nclass Slow:\n    def find_spec(self, name, *a):\n        if name == 'torch': time.sleep(30)\n"
+    import_started = "import sys, time\nclass Slow:\n    def find_spec(self, name, *a):\n        if name == 'torch': time.sleep(60)\n"
     sitecustom = Path(os.environ.get("TMPDIR", "/tmp")) / f"metafew-slow-import-{os.getpid()}"
     sitecustom.mkdir(exist_ok=True)
     (sitecustom / "sitecustomize.py").write_text(
         import_started + "        return None\nsys.meta_path.insert(0, Slow())\nprint('ready', flush=True)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(sitecustom)}
-    proc = subprocess.Popen([str(script), "--help"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(  # SIGINT back to its default: pytest-xdist workers ignore it, and children inherit that
+        [str(script), "--help"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
     time.sleep(1.0)  # the console script is now importing metafew.cli.main, stuck on torch
     proc.send_signal(signal.SIGINT)
