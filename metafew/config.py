@@ -338,7 +338,7 @@ class PretrainConfig:
     dataset: str = field(default="omniglot", metadata=_opt("dataset name"))
     subset: str = field(default="train", metadata=_opt("subset of base classes to train on"))
     val_subset: str | None = field(
-        default=None, metadata=_opt("validation subset checked every epoch (few-shot accuracy)")
+        default=None, metadata=_opt("validation subset checked every epoch (few-shot accuracy; 'none': no validation)")
     )
     dataset_options: dict[str, Any] = field(
         default_factory=dict, metadata=_opt("dataset keyword options, e.g. image_size", cli=False)
@@ -360,6 +360,8 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         where = "pretrain"
+        if self.val_subset in ("", "none"):  # as RunConfig: 'none' means no validation
+            self.val_subset = None
         for key in ("epochs", "batch_size"):
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
