@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from metafew.bench import load_suite
-from metafew.bench.runner import _same_row, report_keys, write_outputs
+from metafew.bench.runner import report_keys, same_row, write_outputs
 
 
 def main() -> None:
@@ -54,7 +54,7 @@ def main() -> None:
     for bench in suite.rows:
         # The newest cached result of this row's exact settings; a row renamed since it ran
         # (same settings, other name) is still found, and reported under its current name.
-        found = [d["row"] for d in docs if _same_row(spec_of(d), bench.to_dict())]
+        found = [d["row"] for d in docs if same_row(spec_of(d), bench.to_dict())]
         if found:
             rows.append(report_keys(found[-1], bench))
         else:

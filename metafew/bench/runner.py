@@ -194,7 +194,7 @@ def cached_row(bench: BenchRow, work_dir: Path) -> dict[str, Any] | None:
         cached = json.loads(cache.read_text())
     except (OSError, ValueError):
         return None
-    return report_keys(cached["row"], bench) if _same_row(cached.get("spec"), bench.to_dict()) else None
+    return report_keys(cached["row"], bench) if same_row(cached.get("spec"), bench.to_dict()) else None
 
 
 def report_keys(row: dict[str, Any], bench: BenchRow) -> dict[str, Any]:
@@ -269,7 +269,7 @@ def pretrained_backbone(
     return path
 
 
-def _same_row(cached: Any, current: dict[str, Any]) -> bool:
+def same_row(cached: Any, current: dict[str, Any]) -> bool:
     """Whether a cached result is of this row; keys 0.1.0 did not record count only when set."""
     if not isinstance(cached, dict):
         return False
