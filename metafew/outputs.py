@@ -303,6 +303,8 @@ def _run_file_ok(p: Path) -> bool:
     name = p.name
     if name.startswith(".") and name.endswith(".tmp"):
         return True  # an interrupted atomic write's leftover: cleaned up by the next write
+    if name == "tensorboard" and p.is_dir() and not p.is_symlink():  # --tensorboard's event files
+        return all(e.name.startswith("events.out.tfevents.") and e.is_file() for e in p.iterdir())
     if name not in RUN_FILES or not p.is_file() or p.is_symlink():
         return False
     if name.endswith(".safetensors"):

@@ -9,9 +9,10 @@ backward, step) plus what a long run needs:
   Ctrl-C, holding learner weights, optimizer, GradScaler, sampler RNG, torch/Python/NumPy
   RNGs, step, best-so-far, the running loss sums and the log history; ``resume=True``
   continues from it exactly (same next episode, bit-identical losses);
-* ``log.jsonl`` (one JSON object per log row: step, loss, acc, lr, seconds, val_acc),
-  drawn as ``learning_curve.png`` at checkpoints (a minute apart at most) and at the end,
-  and a tqdm bar. Losses are summed on the device and read back only at log rows.
+* ``log.jsonl`` (one JSON object per log row: step, loss, acc, lr, seconds, val_acc and
+  its 95% CI val_acc_ci95), drawn as ``learning_curve.png`` at checkpoints (a minute apart
+  at most) and at the end, optionally written to TensorBoard too (``tensorboard=``), and a
+  tqdm bar. Losses are summed on the device and read back only at log rows.
 
 Under ``torchrun`` (or inside any initialised process group of N processes, see
 :mod:`metafew.distributed`) the same loop runs on every process:
@@ -57,16 +58,12 @@ import contextlib
 import dataclasses
 import json
 import math
-import random
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict, cast
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -80,6 +77,9 @@ from ..outputs import guard_run_dir, run_lock, writing
 from ..progress import tqdm
 from .curves import plot_learning_curve
 from .evaluate import evaluate
+from .runstate import deferred_sigint, rank_seed, rng_state, set_rng_state
+from .tensorboard import FOLDER as TENSORBOARD
+from .tensorboard import clear_events, require_tensorboard, tensorboard_folder, tensorboard_log
 
 if TYPE_CHECKING:
     from ..learners.base import Learner
@@ -232,6 +232,7 @@ def train(
     config: dict[str, Any] | None = None,
     overwrite: bool = False,
     allow_changes: bool = False,
+    tensorboard: bool | str | Path | None = None,
 ) -> TrainResult:
     """Meta-train ``learner`` on ``steps`` meta-batches of ``meta_batch_size`` episodes from ``sampler``.
 
@@ -250,6 +251,8 @@ def train(
     is split over them and the step is that of one process with the whole meta-batch (see
     the module docstring); rank 0 writes. A loss or weight that is not finite stops the run with
     :class:`~metafew.errors.TrainingDiverged`, naming the step; non-finite weights are never saved.
+    ``tensorboard``: also write the log rows as TensorBoard scalars (:mod:`metafew.engine.tensorboard`),
+    into ``out_dir/tensorboard`` (``True``) or a folder of your choice.
 
     >>> import metafew
     >>> sampler = metafew.EpisodeSampler(metafew.load_dataset("omniglot", "train"), 5, 1, 5, seed=0, device="cpu")
@@ -272,6 +275,8 @@ def train(
             "every process needs at least one task of each meta-batch; use a meta-batch of at least "
             f"{distributed.world()} (or fewer processes)"
         )
+    if tensorboard_folder(tensorboard, None if out_dir is None else Path(out_dir) / TENSORBOARD) is not None:
+        require_tensorboard()  # before anything is written
     if out_dir is None:
         return _train(**locals())
     out = guard_run_dir(out_dir, resume=resume, overwrite=overwrite)
@@ -311,6 +316,7 @@ def _train(
     config: dict[str, Any] | None,
     overwrite: bool,
     allow_changes: bool,
+    tensorboard: bool | str | Path | None,
 ) -> TrainResult:
     device = sampler.device
     learner.to(device)
@@ -361,10 +367,11 @@ def _train(
         for name in (BEST, LAST, CURVE, LOG):
             with writing(out / name):
                 (out / name).unlink(missing_ok=True)
+        clear_events(out / TENSORBOARD)
     if multi:
         distributed.broadcast_module(learner)  # the same start on every rank, whatever each one built
         if not main:  # its own stream for dropout, inner minibatches...: not rank 0's
-            torch.manual_seed(_rank_seed(seed, distributed.rank(), run["step"]))
+            torch.manual_seed(rank_seed(seed, distributed.rank(), run["step"]))
     if changes:  # allowed: the log says what changed, and when
         run["history"].append({"step": run["step"], "event": "resumed with changed settings", "changes": changes})
     if out is not None and main:
@@ -395,7 +402,7 @@ def _train(
             "optimizer": opt.state_dict(),
             "scaler": scaler.state_dict(),
             "sampler": sampler.state_dict(),
-            "rng": _rng_state(),
+            "rng": rng_state(),
             "sums": sums,
         }
         _check_weights(learner, run["step"], out)
@@ -408,7 +415,14 @@ def _train(
     batch = None
     start = time.perf_counter() - run["seconds"]
     bar = tqdm(total=steps, initial=run["step"], desc="train", unit="step", disable=not progress, dynamic_ncols=True)
-    with _deferred_sigint() as interrupted:
+    tb_dir = tensorboard_folder(tensorboard, None if out is None else out / TENSORBOARD)
+    purge = run["step"] + 1  # hide the folder's events past the checkpoint (a crashed session's, a replaced run's)
+    with (
+        deferred_sigint() as interrupted,
+        tensorboard_log(tb_dir, step_key="step", purge_step=purge, cumulative_seconds=True) as tb,
+    ):
+        if tb is not None:
+            tb.resume_from(run["history"])
         while run["step"] < steps:
             # -- one meta-step -----------------------------------------------------
             factor = lr_at(run["step"])
@@ -472,9 +486,8 @@ def _train(
                 if validate and val_episodes is not None:  # (validate implies it)
                     if multi:
                         distributed.broadcast_module(learner, buffers_only=True)
-                    row["val_acc"] = evaluate(
-                        learner, val_episodes, batch_size=val_batch_size, auc=False, progress=False
-                    ).accuracy_mean
+                    result = evaluate(learner, val_episodes, batch_size=val_batch_size, auc=False, progress=False)
+                    row["val_acc"], row["val_acc_ci95"] = result.accuracy_mean, result.accuracy_ci95
                     if run["best_val_acc"] is None or row["val_acc"] > run["best_val_acc"]:
                         run["best_val_acc"], run["best_step"] = row["val_acc"], step
                         if out is not None and main:
@@ -483,6 +496,8 @@ def _train(
                 if out is not None and main:
                     with writing(out / LOG), open(out / LOG, "a", encoding="utf-8") as f:
                         f.write(_json_line(row))
+                if tb is not None:
+                    tb.write(row)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "acc", "val_acc")})
             run["seconds"] = time.perf_counter() - start
             stop = stopped_before if multi else interrupted()  # the same answer on every rank
@@ -521,11 +536,6 @@ def load_weights(learner: nn.Module, path: str | Path, device: str | torch.devic
 
 
 # -- internals -------------------------------------------------------------------
-
-
-def _rank_seed(seed: int, rank: int, step: int) -> int:
-    """The global torch seed of rank ``rank`` > 0 from ``step`` on (rank 0 keeps the run's own stream)."""
-    return (seed * 1_000_003 + rank * 7_919 + step * 104_729) % (2**63 - 1)
 
 
 def _first_bad_step(bad_step: torch.Tensor, multi: bool) -> int:
@@ -578,7 +588,16 @@ def _diverged(
     )
 
 
-_UNCHECKED = {"name", "test", "test_subset", "eval_episodes", "eval_batch_size", "log_every", "checkpoint_every"}
+_UNCHECKED = {
+    "name",
+    "test",
+    "test_subset",
+    "eval_episodes",
+    "eval_batch_size",
+    "log_every",
+    "checkpoint_every",
+    "tensorboard",
+}
 
 
 def _changed_settings(path: Path, record: dict[str, Any], allow: bool) -> dict[str, list[Any]]:
@@ -610,29 +629,6 @@ def _changed_settings(path: Path, record: dict[str, Any], allow: bool) -> dict[s
     return changes
 
 
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_tuples(state["python"]))
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _tuples(x: Any) -> Any:
-    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
 def _load_last(
     path: Path,
     learner: nn.Module,
@@ -653,40 +649,7 @@ def _load_last(
     if scaler.is_enabled() and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     sampler.load_state_dict(state["sampler"])
-    _set_rng_state(state["rng"])
+    set_rng_state(state["rng"])
     run = cast(_Run, {k: record.get(k) for k in ("step", "seconds", "best_val_acc", "best_step", "history")})
     sums = state.get("sums", torch.zeros(3)).to(device)
     return run, sums
-
-
-@contextlib.contextmanager
-def _deferred_sigint() -> Iterator[Callable[[], bool]]:
-    """Turn the first Ctrl-C into a flag read at the end of a step (a second one aborts at once).
-
-    Under ``torchrun`` a Ctrl-C reaches each worker twice (from the terminal, then forwarded
-    by the launcher, which gives workers 30 s to end): a repeat within 2 s is taken for the
-    forwarded copy. SIGTERM (what the launcher sends when another worker failed) ends a
-    worker at once, as it does a single process.
-    """
-    flag = threading.Event()
-    first = [0.0]
-    if threading.current_thread() is not threading.main_thread():
-        yield flag.is_set
-        return
-    launched = distributed.launched()
-
-    def handler(signum: int, frame: Any) -> None:
-        if flag.is_set():
-            if launched and time.monotonic() - first[0] < 2.0:
-                return  # the launcher passing the same Ctrl-C on
-            raise KeyboardInterrupt
-        flag.set()
-        first[0] = time.monotonic()
-        if not launched or distributed.is_main():
-            tqdm.write("Interrupted: finishing this step and saving a checkpoint (Ctrl-C again to abort now)")
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield flag.is_set
-    finally:
-        signal.signal(signal.SIGINT, previous)
