@@ -89,7 +89,8 @@ def test_more_ways_than_classes(capsys, tmp_path):
 
 
 def test_missing_data_root(capsys, tmp_path):
-    code, _, err = run_cli(capsys, *TRAIN, "--data-root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"))
+    nowhere = ["--data-root", str(tmp_path / "nowhere"), "--no-download"]  # never the internet from a test
+    code, _, err = run_cli(capsys, *TRAIN, *nowhere, "--out", str(tmp_path / "r"))
     assert_one_line_error(code, err, "not found")
 
 

@@ -16,11 +16,13 @@ import io
 import re
 import tarfile
 import threading
+import time
 import urllib.parse
 import zipfile
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,7 +31,7 @@ from PIL import Image
 
 import metafew
 import metafew.paths as paths
-from metafew.data import Omniglot, caltech101, download, medmnist, omniglot
+from metafew.data import Omniglot, caltech101, download, lake, medmnist, omniglot
 from metafew.data.omniglot import split_lines
 from metafew.errors import DatasetError, DatasetNotFoundError
 
@@ -44,6 +46,7 @@ class FileServer(ThreadingHTTPServer):
         self.files: dict[str, bytes] = {}
         self.drops: dict[str, int] = {}
         self.ranges = True  # False: answer every request with the whole file, like a server without Range
+        self.delay = 0.0  # seconds before each answer (a slow host)
         self.requests: list[tuple[str, str | None]] = []
 
     @property
@@ -62,6 +65,7 @@ class RangeHandler(BaseHTTPRequestHandler):
         name = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path).removeprefix("/mirror/")
         wanted = self.headers.get("Range")
         self.server.requests.append((name, wanted))
+        time.sleep(self.server.delay)
         data = self.server.files.get(name)
         if data is None:
             self.send_error(404)
@@ -98,34 +102,40 @@ def _md5(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
 
 
-def _png(seed: int) -> bytes:
-    im = Image.new("1", (105, 105), 1)  # the official drawings: 105x105 1-bit, black strokes on white
-    x, y = seed % 90, (7 * seed) % 90
+def _png(seed: int, side: int = 105) -> bytes:
+    im = Image.new("1", (side, side), 1)  # the official drawings: 105x105 1-bit, black strokes on white
+    x, y = seed % (side - 15), (7 * seed) % (side - 15)
     im.paste(0, (x, y, x + 15, y + 15))
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     return buf.getvalue()
 
 
-def _omniglot_zips(chars: list[str], background: set[str], drawings: int = 2) -> dict[str, bytes]:
+def _omniglot_zips(chars: list[str], background: set[str], drawings: int = 2, side: int = 105) -> dict[str, bytes]:
     """Both official zips: ``images_<set>/<Alphabet>/characterNN/<id>_NN.png``, ``drawings`` per character."""
     zips = {s: io.BytesIO() for s in omniglot.SETS}
     opened = {s: zipfile.ZipFile(b, "w") for s, b in zips.items()}
+    pngs = [_png(seed, side) for seed in range(97)]  # a few distinct drawings, reused: quick to make
     for i, c in enumerate(chars):
         s = "images_background" if c.split("/")[0] in background else "images_evaluation"
         for k in range(1, drawings + 1):
-            opened[s].writestr(f"{s}/{c}/{i:04d}_{k:02d}.png", _png(2 * i + k))
+            opened[s].writestr(f"{s}/{c}/{i:04d}_{k:02d}.png", pngs[(2 * i + k) % len(pngs)])
     for z in opened.values():
         z.close()
     return {f"{s}.zip": b.getvalue() for s, b in zips.items()}
 
 
-@pytest.fixture(scope="module")
-def vinyals_zips() -> dict[str, bytes]:
-    """Every character of the Vinyals split (1,623), one drawing each; the alphabets shared 30/20 between the sets."""
+def _vinyals_zips(drawings: int, side: int = 105) -> dict[str, bytes]:
+    """Every character of the Vinyals split (1,623); the alphabets shared 30/20 between the sets."""
     chars = sorted({line.rpartition("/")[0] for s in ("train", "val", "test") for line in split_lines(s)})
     alphabets = sorted({c.split("/")[0] for c in chars})
-    return _omniglot_zips(chars, set(alphabets[:30]), drawings=1)
+    return _omniglot_zips(chars, set(alphabets[:30]), drawings=drawings, side=side)
+
+
+@pytest.fixture(scope="module")
+def vinyals_zips() -> dict[str, bytes]:
+    """Every character of the Vinyals split, one drawing each."""
+    return _vinyals_zips(1)
 
 
 @pytest.fixture(scope="module")
@@ -173,9 +183,9 @@ def with_omniglot(server: FileServer, small_zips: dict[str, bytes], monkeypatch:
     _serve(server, small_zips, monkeypatch)
 
 
-@pytest.fixture
-def with_pneumonia(server: FileServer, monkeypatch: pytest.MonkeyPatch) -> bytes:
-    rng = np.random.default_rng(0)
+def _serve_medmnist(server: FileServer, monkeypatch: pytest.MonkeyPatch, name: str, seed: int = 0) -> bytes:
+    """``<name>.npz`` as MedMNIST ships it (``{split}_images`` uint8 [n, 28, 28], ``{split}_labels`` [n, 1]), two classes."""
+    rng = np.random.default_rng(seed)
     arrays = {}
     for split, n in (("train", 40), ("val", 10), ("test", 12)):
         arrays[f"{split}_images"] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
@@ -183,10 +193,37 @@ def with_pneumonia(server: FileServer, monkeypatch: pytest.MonkeyPatch) -> bytes
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     data = buf.getvalue()
-    server.files["pneumoniamnist.npz"] = data
-    info = medmnist.MEDMNIST_INFO["pneumoniamnist"]
-    monkeypatch.setitem(medmnist.MEDMNIST_INFO, "pneumoniamnist", info._replace(md5=_md5(data)))
+    server.files[f"{name}.npz"] = data
+    info = medmnist.MEDMNIST_INFO[name]
+    monkeypatch.setitem(medmnist.MEDMNIST_INFO, name, info._replace(md5=_md5(data)))
     return data
+
+
+@pytest.fixture
+def with_pneumonia(server: FileServer, monkeypatch: pytest.MonkeyPatch) -> bytes:
+    return _serve_medmnist(server, monkeypatch, "pneumoniamnist")
+
+
+def _lake_runs_zip() -> bytes:
+    """``all_runs.zip``: ``runNN/training/classKK.png``, ``runNN/test/itemMM.png`` and ``runNN/class_labels.txt``."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for r in range(1, 21):
+            lines = []
+            for k in range(1, 21):
+                z.writestr(f"run{r:02d}/training/class{k:02d}.png", _png(r * 40 + k))
+                answer = (k + r) % 20 + 1
+                z.writestr(f"run{r:02d}/test/item{k:02d}.png", _png(r * 40 + answer))
+                lines.append(f"run{r:02d}/test/item{k:02d}.png run{r:02d}/training/class{answer:02d}.png")
+            z.writestr(f"run{r:02d}/class_labels.txt", "\n".join(lines) + "\n")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def with_lake_runs(server: FileServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _lake_runs_zip()
+    server.files["all_runs.zip"] = data
+    monkeypatch.setattr(lake, "LAKE_RUNS_MD5", _md5(data))
 
 
 def _leftovers(root: Path) -> list[Path]:
@@ -378,3 +415,318 @@ def test_data_root_rule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys)
     monkeypatch.setenv("METAFEW_DATA", str(tmp_path / "mine"))
     assert paths.data_roots() == [tmp_path / "mine"] and medmnist.find_medmnist("breastmnist") is None
     assert paths.data_roots(tmp_path / "arg") == [tmp_path / "arg"]
+
+
+# -- every command that reads a named dataset fetches it on first use, as bench does --------------
+
+TINY = ["--device", "cpu", "--no-progress", "--backbone-option", "hidden=8"]
+LAKE_ROW = ["--dataset", "omniglot-lake", "--train-subset", "background", "--val-subset", "none"]
+
+
+def _first_use_lines(err: str, server: FileServer, name: str, root: Path) -> None:
+    """The two lines a first use prints: that it downloads, and what, from where, how big and where to."""
+    assert "is not in" in err and "downloading it from its official source on first use" in err, err
+    size = len(server.files[name]) / 1e3
+    line = f"downloading {name} from {server.url}/{name} ({size:.1f} kB) to {root}"
+    assert line in err, err
+
+
+def _small_backbone(folder: Path) -> Path:
+    """A fresh 1x28x28 Conv-4 saved as ``metafew pretrain`` would (no data needed to make it)."""
+    from metafew.checkpoint import save_backbone
+
+    conv4 = metafew.create_backbone("conv4", in_channels=1, image_size=28, hidden=8)
+    return save_backbone(conv4, folder / "conv4.safetensors", mean=[0.5], std=[0.5])
+
+
+def test_train_and_eval_download_on_first_use(
+    fresh: Path, server: FileServer, with_omniglot: None, tmp_path: Path, capsys
+) -> None:
+    run = tmp_path / "run"
+    argv = ["train", *TINY, *LAKE_ROW, "--learner", "protonet", "--n-way", "5", "--n-query", "1", "--steps", "1"]
+    code, out, err = run_cli(capsys, *argv, "--out", run)
+    assert code == 0, err
+    _first_use_lines(err, server, "images_background.zip", fresh / "omniglot")
+    assert (fresh / "omniglot" / "images_evaluation").is_dir() and (run / "last.safetensors").is_file()
+    other = tmp_path / "elsewhere"  # a second, empty data root: eval fetches into it
+    evaluate = ["eval", "--checkpoint", run / "last.safetensors", "--subset", "evaluation", "--episodes", "3"]
+    code, out, err = run_cli(capsys, *evaluate, "--device", "cpu", "--no-progress", "--data-root", other)
+    assert code == 0, err
+    _first_use_lines(err, server, "images_evaluation.zip", other / "omniglot")
+    assert "omniglot/lake-evaluation" in out and len(server.served("images_evaluation.zip")) == 2
+    code, _, err = run_cli(capsys, *evaluate, "--device", "cpu", "--no-progress", "--data-root", other)
+    assert code == 0 and "downloading" not in err and len(server.served("images_evaluation.zip")) == 2
+
+
+def test_eval_lake_runs_download_on_first_use(
+    fresh: Path, server: FileServer, with_omniglot: None, with_lake_runs: None, tmp_path: Path, capsys
+) -> None:
+    backbone = _small_backbone(tmp_path)
+    code, out, err = run_cli(capsys, "eval", "--checkpoint", backbone, "--lake", "--device", "cpu", "--no-progress")
+    assert code == 0, err
+    assert "Lake's one-shot runs is not in" in err and f"downloading all_runs.zip from {server.url}" in err
+    assert "error rate" in out and server.served("images_background.zip") == []  # the runs hold their own images
+
+
+def test_pretrain_downloads_on_first_use(
+    fresh: Path, server: FileServer, with_pneumonia: bytes, tmp_path: Path, capsys
+):
+    out = tmp_path / "backbone.safetensors"
+    argv = ["pretrain", "--dataset", "pneumoniamnist", "--epochs", "1", "--batch-size", "16", *TINY, "--out", out]
+    code, stdout, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    _first_use_lines(err, server, "pneumoniamnist.npz", fresh / "medmnist")
+    assert out.is_file() and f"saved {out}" in stdout
+
+
+def test_adapt_and_predict_download_named_data_on_first_use(
+    fresh: Path, server: FileServer, with_pneumonia: bytes, with_omniglot: None, tmp_path: Path, capsys
+) -> None:
+    unlabeled = tmp_path / "unlabeled"
+    unlabeled.mkdir()
+    for i in range(6):
+        Image.fromarray(np.full((28, 28), 40 * i, np.uint8)).save(unlabeled / f"{i}.png")
+    model = tmp_path / "model.safetensors"
+    argv = ["adapt", "--data", "pneumoniamnist", "--backbone", "omniglot-conv4", "--shots", "2", "--draws", "1"]
+    align = [
+        "--unlabeled",
+        unlabeled,
+        "--align",
+        "mmd",
+        "--align-steps",
+        "1",
+        "--align-source",
+        "omniglot-lake:background",
+    ]
+    code, out, err = run_cli(capsys, *argv, *align, "--device", "cpu", "--no-progress", "--out", model)
+    assert code == 0, err
+    _first_use_lines(err, server, "pneumoniamnist.npz", fresh / "medmnist")  # --data NAME
+    _first_use_lines(err, server, "images_background.zip", fresh / "omniglot")  # mmd's source images
+    assert model.is_file()
+    (fresh / "medmnist" / "pneumoniamnist.npz").unlink()
+    code, out, err = run_cli(capsys, "predict", "--model", model, "--evaluate", "pneumoniamnist", "--device", "cpu")
+    assert code == 0, err
+    _first_use_lines(err, server, "pneumoniamnist.npz", fresh / "medmnist")
+    assert "accuracy" in out and len(server.served("pneumoniamnist.npz")) == 2
+
+
+@pytest.mark.parametrize("refuse", ["--no-download", "METAFEW_OFFLINE=1"])
+@pytest.mark.parametrize("command", ["train", "eval", "pretrain", "adapt", "predict"])
+def test_no_download_and_offline_refuse_with_where_it_looked(
+    command: str,
+    refuse: str,
+    fresh: Path,
+    server: FileServer,
+    with_pneumonia: bytes,
+    tmp_path: Path,
+    monkeypatch,
+    capsys,
+) -> None:
+    backbone = _small_backbone(tmp_path)
+    model = tmp_path / "model.safetensors"
+    if command == "predict":  # a model adapted to a folder of images: no dataset needed to make it
+        for c in ("a", "b"):
+            (tmp_path / "imgs" / c).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.full((28, 28), 80 * i, np.uint8)).save(tmp_path / "imgs" / c / f"{i}.png")
+        adapt = ["adapt", "--data", tmp_path / "imgs", "--backbone", backbone, "--shots", "1", "--draws", "0"]
+        assert run_cli(capsys, *adapt, "--device", "cpu", "--no-progress", "--out", model)[0] == 0
+    argv = {
+        "train": [
+            "train",
+            *TINY,
+            "--dataset",
+            "pneumoniamnist",
+            "--n-way",
+            "2",
+            "--steps",
+            "1",
+            "--out",
+            tmp_path / "r",
+        ],
+        "eval": ["eval", "--checkpoint", backbone, "--dataset", "pneumoniamnist", "--n-way", "2", "--device", "cpu"],
+        "pretrain": ["pretrain", "--dataset", "pneumoniamnist", *TINY, "--out", tmp_path / "b"],
+        "adapt": ["adapt", "--data", "pneumoniamnist", "--backbone", backbone, "--device", "cpu", "--out", model],
+        "predict": ["predict", "--model", model, "--evaluate", "pneumoniamnist", "--device", "cpu"],
+    }[command]
+    if refuse == "--no-download":
+        argv.append(refuse)
+        why = "not downloaded: --no-download"
+    else:
+        monkeypatch.setenv("METAFEW_OFFLINE", "1")
+        why = "not downloaded: METAFEW_OFFLINE is set"
+    code, _, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err, f"looked for {fresh / 'medmnist' / 'pneumoniamnist.npz'}", why)
+    assert server.requests == [] and not fresh.exists()
+
+
+def test_a_failed_first_use_download_says_what_is_missing_and_why(fresh: Path, monkeypatch, tmp_path: Path, capsys):
+    monkeypatch.setenv("METAFEW_MIRROR", "http://127.0.0.1:9/nothing-listens-here")
+    monkeypatch.setattr(download, "_RETRIES", 0)
+    argv = ["pretrain", "--dataset", "pneumoniamnist", *TINY, "--out", tmp_path / "b"]
+    code, _, err = run_cli(capsys, *argv)
+    assert_one_line_error(
+        code, err, f"pneumoniamnist not found in {fresh}, and downloading it failed: could not download "
+        "http://127.0.0.1:9/nothing-listens-here/pneumoniamnist.npz", "set METAFEW_MIRROR"
+    )  # fmt: skip
+    assert not fresh.exists()
+
+
+def test_processes_that_miss_a_dataset_together_download_it_once(
+    fresh: Path, server: FileServer, with_pneumonia: bytes, capsys
+) -> None:
+    """The ranks of a torchrun job (here two threads) find the dataset missing at once: one fetches, one waits."""
+    server.delay = 0.5
+    sizes: list[int] = []
+
+    def load() -> None:
+        sizes.append(len(download.load_on_first_use("pneumoniamnist", "train", download=True)))
+
+    first = threading.Thread(target=load)
+    first.start()
+    time.sleep(0.2)  # the first one is downloading
+    load()
+    first.join()
+    assert sizes == [40, 40] and server.served("pneumoniamnist.npz") == [None]
+    err = capsys.readouterr().err
+    assert err.count("downloading pneumoniamnist.npz") == 1 and "waiting for another metafew process" in err
+
+
+def test_python_api_downloads_only_when_asked(fresh: Path, server: FileServer, with_pneumonia: bytes, tmp_path: Path):
+    """As torchvision: ``download=False`` by default (a "not found" naming where it looked), ``download=True`` fetches."""
+    config = metafew.RunConfig(
+        dataset="pneumoniamnist", n_way=2, k_shot=1, n_query=2, steps=1, val_subset="none", eval_episodes=2,
+        backbone_options={"hidden": 8},
+    )  # fmt: skip
+    with pytest.raises(DatasetNotFoundError, match="pass download=True") as e:
+        metafew.train_run(config, tmp_path / "run", device="cpu", progress=False)
+    assert f"looked for {fresh / 'medmnist' / 'pneumoniamnist.npz'}" in str(e.value) and server.requests == []
+    _, result = metafew.train_run(config, tmp_path / "run", device="cpu", progress=False, download=True)
+    assert result.steps == 1 and len(server.served("pneumoniamnist.npz")) == 1
+    (fresh / "medmnist" / "pneumoniamnist.npz").unlink()
+    episodes = metafew.config.test_episodes(config, device="cpu", download=True)
+    assert len(episodes) == 2 and len(server.served("pneumoniamnist.npz")) == 2
+
+
+# -- the README on a fresh machine ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def full_omniglot_zips() -> dict[str, bytes]:
+    """The Vinyals characters with 16 drawings each (enough for 15-query episodes), at 28x28 to decode quickly."""
+    return _vinyals_zips(16, side=28)
+
+
+@pytest.fixture
+def official_sources(server: FileServer, full_omniglot_zips: dict[str, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Everything the README reads, served as the official files: Omniglot, Breast- and PneumoniaMNIST."""
+    _serve(server, full_omniglot_zips, monkeypatch)
+    _serve_medmnist(server, monkeypatch, "pneumoniamnist")
+    _serve_medmnist(server, monkeypatch, "breastmnist", seed=1)
+
+
+def _user_folders(work: Path) -> None:
+    """The folders the README calls the user's own: ``my_xrays/<class>/``, ``more_xrays/``, ``new_images/``."""
+    rng = np.random.default_rng(3)
+
+    def image(c: int) -> Image.Image:  # two kinds of image: a dark and a bright disc, with noise
+        yy, xx = np.mgrid[:28, :28]
+        disc = ((yy - 14) ** 2 + (xx - 14) ** 2 < 64) * (60 + 120 * c)
+        return Image.fromarray(np.clip(disc + rng.normal(40, 20, (28, 28)), 0, 255).astype(np.uint8))
+
+    for c, name in enumerate(("normal", "pneumonia")):
+        (work / "my_xrays" / name).mkdir(parents=True)
+        for i in range(20):
+            image(c).save(work / "my_xrays" / name / f"{i:03d}.png")
+    for folder, n in (("more_xrays", 30), ("new_images", 4)):
+        (work / folder).mkdir()
+        for i in range(2 * n):
+            image(i % 2).save(work / folder / f"{i:03d}.png")
+
+
+def _readme_blocks() -> list[Any]:
+    """The README blocks tests/test_readme.py runs (Python, and the ``metafew`` command blocks), in README order."""
+    from test_readme import BASH, PYTHON
+
+    return sorted([*PYTHON, *BASH], key=lambda b: b.line)
+
+
+README_BLOCKS = _readme_blocks()
+
+
+def _readme_gap(code: str) -> str | None:
+    """Why a README block cannot run on an empty data root as printed (None: it can)."""
+    for call in re.findall(r"train_run\([^)]*\)", code):
+        if "download=True" not in call:
+            return f"README: {call} needs download=True to fetch its dataset on a fresh machine (see the report)"
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block", README_BLOCKS, ids=[b.id for b in README_BLOCKS])
+def test_readme_block_runs_as_printed_on_an_empty_data_root(
+    block: Any, fresh: Path, server: FileServer, official_sources: None, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """A README block, as printed, on a machine with nothing downloaded: first use fetches what it needs.
+
+    In-process (the fixtures' md5s stand in for the official ones), ``METAFEW_DATA`` an empty
+    folder and ``METAFEW_MIRROR`` the loopback server: ``download=True`` in Python, and the
+    commands themselves (``metafew pretrain --dataset breastmnist``, ``predict --evaluate
+    pneumoniamnist``, ``train``/``eval`` after a ``data download``), fetch each file once.
+    """
+    import shlex
+
+    from test_readme import commands
+
+    gap = _readme_gap(block.code)
+    if gap:
+        pytest.xfail(gap)
+    work = tmp_path / "work"
+    work.mkdir()
+    _user_folders(work)
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    if block.language == "python":
+        exec(compile(block.code, f"README.md line {block.line}", "exec"), {"__name__": "__main__"})
+    else:
+        for command in commands(block.code):
+            argv = shlex.split(command, comments=True)[1:]
+            code, _, err = run_cli(capsys, *argv)
+            if argv[:2] == ["data", "info"] and not server.requests:  # before anything was downloaded:
+                assert_one_line_error(code, err, "not found: looked for", f"`metafew data download {argv[2]}`")
+                continue  # it says where it looked and how to get the dataset (exit 2, as for any missing one)
+            assert code == 0, f"README line {block.line}: `{command}` exited {code}:\n{err[-3000:]}"
+    fetched = [name for name, _ in server.requests]
+    assert fetched and len(fetched) == len(set(fetched)), f"each file fetched once: {fetched}"
+    assert all(name in server.files for name in fetched), fetched
+
+
+class _StopBeforeTraining(Exception):
+    pass
+
+
+def test_make_bench_fetches_omniglot_on_first_use(
+    fresh: Path, server: FileServer, with_vinyals: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """``make bench``'s command on an empty data root, up to its first training step (the whole suite takes minutes)."""
+    import re as regex
+
+    from metafew.bench import runner
+
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    command = regex.search(r"^bench:.*\n\t\$\(BIN\)/metafew (.*)$", makefile, regex.M)
+    assert command, "the Makefile's bench target runs `metafew ...`"
+
+    def stop(*args: object, **kwargs: object) -> None:
+        raise _StopBeforeTraining
+
+    monkeypatch.setattr(runner, "train_run", stop)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(_StopBeforeTraining):
+        run_cli(capsys, *command.group(1).split())
+    out, err = capsys.readouterr()
+    assert "omniglot is not in" in out and "downloading it from its official source on first use" in out
+    for s in omniglot.SETS:
+        size = len(server.files[f"{s}.zip"]) / 1e3
+        assert f"downloading {s}.zip from {server.url}/{s}.zip ({size:.1f} kB) to {fresh / 'omniglot'}" in err, err
+        assert (fresh / "omniglot" / s).is_dir()

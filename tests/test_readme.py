@@ -11,7 +11,10 @@
 
 The data root is set the way the README tells users to set it (``METAFEW_DATA``), to the
 session's real datasets, with ``METAFEW_OFFLINE=1`` so that nothing is downloaded: the
-README's ``download=True`` then only finds what is already there.
+README's ``download=True`` then only finds what is already there. The fresh machine is
+``tests/test_first_use_download.py``: the same blocks (``BASH``, ``PYTHON``, ``commands``
+below), each on an empty data root, with a loopback file server standing in for the
+official sources, so that first-use downloads are what make them work.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from ..config import test_episodes, train_run
 from ..device import describe_device, resolve_device
 from ..engine.evaluate import EvalResult, evaluate
 from ..engine.train import TrainResult
-from ..errors import ConfigError, DatasetNotFoundError
+from ..errors import ConfigError
 from ..paths import atomic_write
 from .report import write_markdown, write_plot
 from .suite import BenchRow, Suite
@@ -100,41 +100,24 @@ def ensure_data(
 ) -> None:
     """Make sure ``dataset`` (and Lake's runs when ``lake``) is there, fetching it on first use.
 
-    A dataset with an official source that is not found is downloaded (md5-checked,
-    resumable, with a line saying what, from where, how big and where to) unless
-    ``download`` is False or ``$METAFEW_OFFLINE`` is set: then its "not found" error is
-    raised, saying where it looked and how to point at a copy instead.
+    The shared first-use rule (:func:`metafew.data.download.ensure_dataset`): a dataset with
+    an official source that is not found is downloaded (md5-checked, resumable, with a line
+    saying what, from where, how big and where to) unless ``download`` is False or
+    ``$METAFEW_OFFLINE`` is set: then its "not found" error is raised, saying where it
+    looked and how to point at a copy instead.
     """
-    from ..data.download import offline
+    from ..data.download import ensure_dataset, fetch_on_first_use
     from ..data.lake import locate_lake_runs
-    from ..data.registry import dataset_info, load_dataset
-    from ..paths import data_roots
 
-    refused = "--no-download / download=False" if not download else "METAFEW_OFFLINE is set" if offline() else None
-
-    def fetch(name: str, load: Any, official: Any) -> None:
-        try:
-            load(False)
-            return
-        except DatasetNotFoundError as e:
-            if not official():  # a local dataset (folder:PATH): its own message says what to do
-                raise
-            if refused is not None:
-                raise DatasetNotFoundError(f"{e} (not downloaded: {refused})") from e
-        where = " or ".join(str(r) for r in data_roots(data_root))
-        log(
-            f"{name} is not in {where}: downloading it from its official source on first use "
-            "(--no-download refuses; --data-root or METAFEW_DATA points at a copy you already have)"
-        )
-        load(True)
-
-    fetch(
-        dataset,
-        lambda dl: load_dataset(dataset, subset, root=data_root, download=dl, **(options or {})),
-        lambda: bool(dataset_info(dataset, data_root).get("url")),
-    )
+    ensure_dataset(dataset, subset, root=data_root, download=download, log=log, **(options or {}))
     if lake:
-        fetch("Lake's one-shot runs", lambda dl: locate_lake_runs(data_root, download=dl), lambda: True)
+        fetch_on_first_use(
+            "Lake's one-shot runs",
+            lambda dl: locate_lake_runs(data_root, download=dl),
+            download=download,
+            root=data_root,
+            log=log,
+        )
 
 
 def run_row(
@@ -263,7 +246,8 @@ def pretrained_backbone(
     )
     log(f"pretraining {recipe.backbone} on {recipe.dataset}/{recipe.subset} ({recipe.epochs} epochs) -> {path}")
     start = time.perf_counter()
-    run_pretrain(recipe, path, data_root=data_root, device=device, progress=progress)
+    # an interrupted pretraining of this recipe (its .resume.safetensors) is continued
+    run_pretrain(recipe, path, data_root=data_root, device=device, progress=progress, resume=True)
     write_provenance(path, current)
     log(f"    pretrained in {time.perf_counter() - start:.0f} s")
     return path

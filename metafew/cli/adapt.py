@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DatasetError
-from .common import add_command, non_negative_int, parse_options, positive_int
+from .common import add_command, fetch_named_data, non_negative_int, parse_options, positive_int
 
 EPILOG = """\
 examples:
@@ -226,6 +226,7 @@ def run(args: argparse.Namespace) -> int:
     if not auto and args.method and len(args.method) > 1:
         raise ConfigError("several --method values are tried only with --backbone auto; give one method")
     method: Any = args.method if auto else (args.method or ["protonet"])[0]
+    fetch_data(args, auto=auto)
     from ..progress import progress as progress_bar
 
     bar = progress_bar(total=args.draws, desc="estimate", unit="draws", enable=args.progress)
@@ -258,6 +259,52 @@ def run(args: argparse.Namespace) -> int:
     print(f"model:  {model_path}")
     print(f"report: {report_path}" + (f"\nconfusion matrix: {png_path}" if model.report.draws else ""))
     return 0
+
+
+def fetch_data(args: argparse.Namespace, *, auto: bool = False) -> None:
+    """Download on first use the named datasets ``adapt`` will read (unless ``--no-download``).
+
+    These are ``--data NAME``; a run checkpoint's training data when ``--backbone`` is one
+    that does not record its normalisation; and, for ``--align mmd|dann``, the backbone's
+    source images (``--align-source NAME``, else the dataset its checkpoint records).
+    Anything else (folders, unknown names, unreadable files) is left to :func:`metafew.adapt`,
+    whose messages say what is wrong.
+    """
+    from ..data.download import ensure_dataset
+
+    fetch_named_data(args.data, args)
+    source = args.align_source
+    if not auto:
+        trained_on, source_recorded = _backbone_data(args.backbone)
+        if trained_on is not None:
+            ensure_dataset(trained_on[0], trained_on[1], root=args.data_root, download=args.download)
+        source = source or source_recorded
+    if args.align in ("mmd", "dann") and source:
+        from ..adaptation.align import source_dataset
+
+        found = source_dataset(source)
+        if found is not None and not found[0].startswith("folder:"):
+            name, subset, options = found
+            ensure_dataset(name, subset, root=args.data_root, download=args.download, **options)
+
+
+def _backbone_data(backbone: str) -> tuple[tuple[str, str] | None, str | None]:
+    """(the ``(dataset, subset)`` a run checkpoint needs for its normalisation, or None; the dataset it records)."""
+    from ..checkpoint import read_backbone_record, read_header
+    from ..errors import MetafewError
+
+    try:
+        _, doc = read_header(backbone)
+        record = doc.get("record") or {}
+        if doc.get("kind") == "backbone":
+            return None, read_backbone_record(backbone).dataset
+        config = record.get("config") or {}
+        if not config:
+            return None, None
+        needs = (config.get("dataset", "omniglot"), config.get("train_subset", "train"))
+        return (None if record.get("mean") and record.get("std") else needs), record.get("dataset") or needs[0]
+    except MetafewError:
+        return None, None  # adapt says what is wrong with the file
 
 
 def _print_warnings(caught: list[warnings.WarningMessage]) -> None:

@@ -44,12 +44,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--row", action="append", metavar="NAME", help="run only this row (repeatable)")
     p.add_argument("--list", action="store_true", help="list the suite's rows and exit")
     p.add_argument("--overwrite", action="store_true", help="replace OUT (and its .md, .png) from an earlier bench")
-    p.add_argument(
-        "--no-download",
-        dest="download",
-        action="store_false",
-        help="never download a missing dataset: stop with where it was looked for (also METAFEW_OFFLINE=1)",
-    )
     return p
 
 

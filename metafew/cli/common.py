@@ -23,7 +23,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text + " (default: %(default)s)"
 
 
-ALL_COMMON = ("device", "seed", "data_root", "amp", "progress")
+ALL_COMMON = ("device", "seed", "data_root", "download", "amp", "progress")
 
 
 def non_negative_int(text: str) -> int:
@@ -49,7 +49,13 @@ def positive_int(text: str) -> int:
 
 
 def common_parser(options: tuple[str, ...] = ALL_COMMON) -> argparse.ArgumentParser:
-    """The shared options a command honours, from ``--device``, ``--seed``, ``--data-root``, ``--amp``, ``--no-progress``."""
+    """The shared options a command honours, from ``--device``, ``--seed``, ``--data-root``, ``--no-download``, ``--amp``, ``--no-progress``.
+
+    ``--no-download`` (``args.download``, default True): a command that reads a named dataset
+    with an official source downloads it into the data root on first use, as ``metafew
+    bench`` always has (:func:`metafew.data.download.fetch_on_first_use`); the flag, or
+    ``METAFEW_OFFLINE=1``, refuses and the command stops with where it looked.
+    """
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("common options")
     if "device" in options:
@@ -65,11 +71,47 @@ def common_parser(options: tuple[str, ...] = ALL_COMMON) -> argparse.ArgumentPar
             default=None,
             help="where datasets live and are downloaded to (default: $METAFEW_DATA, else ~/.cache/metafew/data)",
         )
+    if "download" in options:
+        g.add_argument(
+            "--no-download",
+            dest="download",
+            action="store_false",
+            help="never download a missing dataset: stop with where it was looked for (also METAFEW_OFFLINE=1; "
+            "default: fetch it from its official source on first use)",
+        )
     if "amp" in options:
         g.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="mixed precision (default: float32)")
     if "progress" in options:
         g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return p
+
+
+def fetch_named_data(data: str | None, args: argparse.Namespace, subset: str = "train", **options: Any) -> None:
+    """Download ``data`` on first use when it names a dataset (``pneumoniamnist``, ``name:subset``), not a folder.
+
+    For the commands that hand a name on to code loading it deeper down (``adapt --data``,
+    ``adapt --align-source``, ``predict --evaluate``), under the same rule and flags as every
+    command (``--no-download``, ``--data-root``; :func:`metafew.data.download.ensure_dataset`).
+    An existing path, or a name metafew does not know, is left to that code.
+    """
+    import os
+    from pathlib import Path
+
+    if not data or Path(data).expanduser().exists() or os.sep in data:
+        return
+    from ..data import available_datasets
+    from ..data.download import ensure_dataset
+
+    name, _, sub = str(data).partition(":")
+    if name.lower() not in [n for n in available_datasets() if ":" not in n]:
+        return
+    ensure_dataset(
+        name.lower(),
+        sub or subset,
+        root=getattr(args, "data_root", None),
+        download=getattr(args, "download", True),
+        **options,
+    )
 
 
 def add_command(

@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     dev = resolve_device(args.device)
     # The checkpoint is read once; its recorded config rebuilds the learner without reading any data.
     config, learner, _ = load_run(path, device=dev, overrides=overrides)
-    episodes = test_episodes(config, data_root=args.data_root, device=dev)
+    episodes = test_episodes(config, data_root=args.data_root, device=dev, download=args.download)
     result = evaluate(learner, episodes, batch_size=config.eval_batch_size, auc=args.auc, progress=args.progress)
     what = f"{config.learner} on {episodes.name}"
     if config.test == "lake":

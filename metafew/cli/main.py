@@ -121,6 +121,7 @@ def _rank() -> str:
 _CLI_WORDING = {
     "pass on_error='skip'": "use --skip-bad",
     "use too_few='skip'": "use --skip-bad",
+    "pass download=True or run": "drop --no-download or run",
 }
 
 

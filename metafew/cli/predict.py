@@ -10,7 +10,7 @@ import sys
 import warnings
 from typing import Any
 
-from .common import add_command, positive_int
+from .common import add_command, fetch_named_data, positive_int
 
 EPILOG = """\
 examples:
@@ -36,7 +36,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="classify images with an adapted model",
         description="Predict the class of images (files or folders) with a model written by `metafew adapt`.",
         epilog=EPILOG,
-        common=("device",),
+        common=("device", "download"),
     )
     p.add_argument("--model", required=True, metavar="MODEL", help="model file from `metafew adapt`")
     p.add_argument("images", nargs="*", metavar="IMAGES|DIR", help="image files and/or folders")
@@ -119,6 +119,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.out:
         raise ConfigError("--evaluate prints its metrics (--format json for JSON); --out is for predictions")
     model = load(args.model, device=args.device)
+    fetch_named_data(args.evaluate, args, "test")  # a dataset name: downloaded on first use unless --no-download
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:

@@ -28,7 +28,20 @@ adapted) at: passed to the dataset as its image_size/channels option when it tak
 
 The backbone is saved with its record (architecture, image format, normalisation,
 training classes, the recipe) and reused by `metafew train --backbone-checkpoint FILE`,
-`metafew eval --checkpoint FILE --learner protonet` or `metafew adapt --backbone FILE`."""
+`metafew eval --checkpoint FILE --learner protonet` or `metafew adapt --backbone FILE`.
+
+Beside OUT.safetensors: OUT.log.jsonl (one row per epoch) and, while the run is not
+finished, OUT.resume.safetensors (the whole training state, saved at the end of each
+epoch, every --checkpoint-every N steps and on Ctrl-C). Ctrl-C finishes the step, saves
+it and exits with status 130; the same command with --resume continues from it, to the
+weights an uninterrupted run gives, bit for bit (a checkpoint of another recipe is refused).
+  metafew pretrain --dataset omniglot --epochs 30 --out backbones/conv4-omniglot --resume
+
+--tensorboard [DIR] also writes each epoch's row of the log (loss, accuracy, learning rate,
+validation figures with their 95% CI, time per step) as TensorBoard scalars, into DIR
+(default: OUT.tensorboard/); it needs `pip install metafew[tensorboard]`.
+  metafew pretrain --dataset omniglot --out backbones/conv4-omniglot --tensorboard
+  tensorboard --logdir backbones"""
 
 # PretrainConfig fields taken as flags (all but the structured ones).
 FLAGS = [f.name for f in fields(PretrainConfig) if f.metadata.get("cli", True)]
@@ -69,7 +82,22 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--augment-option", action="append", metavar="KEY=VALUE", help="augmentation option, e.g. padding=2")
     p.add_argument("--out", required=True, metavar="FILE", help="where to save the backbone (.safetensors)")
     p.add_argument(
-        "--overwrite", action="store_true", help="replace --out (and its .log.jsonl) if metafew wrote them earlier"
+        "--overwrite",
+        action="store_true",
+        help="replace --out (and its .log.jsonl, and an interrupted run's checkpoint) if metafew wrote them earlier",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted pretraining of --out from its .resume.safetensors (same options)",
+    )
+    p.add_argument(
+        "--tensorboard",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="DIR",
+        help="also log to TensorBoard, into DIR (default: OUT.tensorboard/); needs pip install metafew[tensorboard]",
     )
     return p
 
@@ -94,11 +122,31 @@ def run(args: argparse.Namespace) -> int:
         d["backbone_options"] = parse_options(args.backbone_option, "--backbone-option")
     if args.augment:
         d["augment"] = {"name": args.augment, **parse_options(args.augment_option, "--augment-option")}
+    if args.tensorboard is not None:
+        d["tensorboard"] = args.tensorboard
     recipe = PretrainConfig.from_dict(d, where="options")
     out = Path(args.out).expanduser()
-    print(f"pretraining {recipe.backbone} on {recipe.dataset}/{recipe.subset} for {recipe.epochs} epochs")
+    if args.resume and not args.overwrite:
+        from ..checkpoint import checkpoint_path
+        from ..engine.pretrain import resume_path
+
+        state = resume_path(out)
+        if not state.exists() and not checkpoint_path(out).exists():
+            raise ConfigError(
+                f"--resume: there is no interrupted pretraining to continue ({state} does not exist); "
+                "drop --resume to start one"
+            )
+    verb = "resuming the pretraining of" if args.resume else "pretraining"
+    print(f"{verb} {recipe.backbone} on {recipe.dataset}/{recipe.subset} for {recipe.epochs} epochs")
     path = run_pretrain(
-        recipe, out, data_root=args.data_root, device=args.device, progress=args.progress, overwrite=args.overwrite
+        recipe,
+        out,
+        data_root=args.data_root,
+        device=args.device,
+        progress=args.progress,
+        overwrite=args.overwrite,
+        download=args.download,
+        resume=args.resume,
     )
     print(f"saved {path}")
     return 0

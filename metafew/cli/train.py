@@ -25,7 +25,12 @@ examples:
   metafew train --out runs/proto-5w1s --resume ...same options...
 
 Writes OUT/last.safetensors (full training state), OUT/best.safetensors (best validation
-weights), OUT/log.jsonl and OUT/learning_curve.png. Evaluate with `metafew eval --checkpoint OUT/best.safetensors`."""
+weights), OUT/log.jsonl and OUT/learning_curve.png. Evaluate with `metafew eval --checkpoint OUT/best.safetensors`.
+
+--tensorboard [DIR] also writes each row of log.jsonl (training loss and accuracy, learning
+rate, validation accuracy with its 95% CI, time per step) as TensorBoard scalars, into DIR
+(default: OUT/tensorboard); it needs `pip install metafew[tensorboard]`.
+  metafew train --out runs/proto-5w1s --tensorboard ...   then: tensorboard --logdir runs"""
 
 # RunConfig fields `metafew train` takes as flags.
 CONFIG_FLAGS = [
@@ -96,6 +101,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     base["seed"] = args.seed
     if args.amp is not None:
         base["amp"] = args.amp
+    if getattr(args, "tensorboard", None) is not None:
+        base["tensorboard"] = args.tensorboard
     if not args.suite:
         base.pop("name", None)
     return RunConfig.from_dict(base, where="options")
@@ -120,6 +127,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="with --resume: continue even if the settings differ from the run's (log.jsonl records the change)",
     )
+    g.add_argument(
+        "--tensorboard",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="DIR",
+        help="also log to TensorBoard, into DIR (default: OUT/tensorboard); needs pip install metafew[tensorboard]",
+    )
     return p
 
 
@@ -135,6 +150,10 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and spec.steps > 0 and not (out / "last.safetensors").is_file():
         found = "holds no run" if not holds_run(out) else "holds no last.safetensors to continue from"
         raise ConfigError(f"--resume: {out} {found}; drop --resume to start a new run there")
+    if spec.steps > 0 and spec.tensorboard:
+        from ..engine.tensorboard import require_tensorboard
+
+        require_tensorboard()  # before anything is written
     if spec.steps > 0:
         guard_run_dir(out, resume=args.resume, overwrite=args.overwrite)  # before any data is read
     way, shot, query = spec.train_setting
@@ -151,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
         allow_changes=args.allow_config_change,
+        download=args.download,
     )
     if result is None:
         print("steps = 0: nothing to train")

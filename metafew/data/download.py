@@ -15,6 +15,14 @@ whole file at the end. Two environment variables steer them:
   own names (``images_background.zip``, ``pneumoniamnist.npz``, ...), used instead of the
   official hosts, e.g. behind a firewall. The md5s are checked as usual.
 * ``METAFEW_OFFLINE=1``: never download; a missing dataset raises its "not found" error.
+
+First use (:func:`load_on_first_use`, :func:`ensure_dataset`): the one place where a
+caller that may download (``download=True`` in Python, every ``metafew`` command unless
+``--no-download``) turns a "not found" into a download of the dataset's official files,
+saying so in one line first; refused (``download=False``, ``--no-download``,
+``$METAFEW_OFFLINE``), the "not found" error says where it looked and why nothing was
+fetched. Like torchvision's ``download=True``, nothing is ever fetched unless asked: the
+Python functions default to ``download=False``; the command line asks unless told not to.
 """
 
 from __future__ import annotations
@@ -33,22 +41,32 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import DatasetError, DatasetNotFoundError
 from ..paths import cache_dir
 from ..progress import progress
 
+if TYPE_CHECKING:
+    from .base import FewShotDataset
+
+T = TypeVar("T")
+
 __all__ = [
+    "DownloadFailed",
     "check_md5",
     "check_md5_cached",
     "dataset_not_found",
     "download_and_extract",
     "download_and_extract_all",
     "download_file",
+    "ensure_dataset",
     "extract_archive",
+    "fetch_on_first_use",
     "forget_md5",
+    "load_on_first_use",
     "making_dirs",
     "md5sum",
     "offline",
@@ -190,6 +208,10 @@ def making_dirs(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
+class DownloadFailed(DatasetError):
+    """A download that did not complete or did not match its md5 (nothing was written to the data root)."""
+
+
 class _Dropped(ConnectionError):
     """The server closed the connection before sending the whole file."""
 
@@ -322,7 +344,8 @@ def download_file(
     partial file with a ``Range`` request, and a partial file left by an earlier failed
     call is resumed too. The md5 is checked over the whole file at the end: on a mismatch
     the partial file is deleted (a resumed one is fetched once more from the start) and a
-    :class:`DatasetError` names the file, the source, the expected and the actual md5.
+    :class:`DownloadFailed` (a :class:`DatasetError`) names the file, the source, the
+    expected and the actual md5.
     ``$METAFEW_MIRROR`` replaces the host (:func:`source_url`); ``$METAFEW_OFFLINE`` refuses
     with a :class:`DatasetNotFoundError`. A folder this creates is removed again on failure.
     """
@@ -360,7 +383,7 @@ def download_file(
                         if resumed and not restarted:  # the old partial file may not belong: once from zero
                             restarted = True
                             continue
-                        raise DatasetError(
+                        raise DownloadFailed(
                             f"checksum mismatch for {name} downloaded from {source}: expected md5 {md5}, "
                             f"got {actual}; the download was discarded and nothing was written to {shown} - "
                             "try again, or check that the source (METAFEW_MIRROR) serves the official file"
@@ -369,7 +392,7 @@ def download_file(
             _place(partial, dest)
         except (OSError, http.client.HTTPException) as e:  # URLError, HTTPError and disk errors are OSErrors
             kept = " (the partial download is kept and resumes next time)" if partial.is_file() else ""
-            raise DatasetError(
+            raise DownloadFailed(
                 f"could not download {source} to {shown}: {e}{kept}; check the network or set METAFEW_MIRROR, "
                 "or point METAFEW_DATA (or --data-root) at a folder that already has it"
             ) from e
@@ -489,3 +512,124 @@ def dataset_not_found(
         f"{title} not found: looked for {where}. To get it, {how}point METAFEW_DATA "
         f"(or --data-root) at a folder that already has it. Official source: {' and '.join(urls)}"
     )
+
+
+# -- first use: download a missing dataset when the caller may ---------------------------------
+
+REFUSED_BY_CALLER = "--no-download / download=False"
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def fetch_on_first_use(
+    what: str,
+    load: Callable[[bool], T],
+    *,
+    download: bool,
+    official: bool | Callable[[], bool] = True,
+    root: str | os.PathLike[str] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> T:
+    """``load(False)``; when that raises "not found", download and ``load(True)`` if allowed.
+
+    The shared first-use rule of every front (``metafew train/eval/pretrain/adapt/bench``,
+    :func:`metafew.train_run` and friends with ``download=True``): a dataset with an official
+    source (``official``) that is not in the data root is fetched into it, after one line
+    (to ``log``, default stderr) saying that and how to refuse or point at a copy; the
+    download itself then prints what, from where, how big and where to. Refused
+    (``download`` False, or ``$METAFEW_OFFLINE`` set), the :class:`DatasetNotFoundError`
+    says where it looked and why nothing was downloaded; a download that fails (no network,
+    a checksum mismatch: :class:`DownloadFailed`, nothing left behind) is a
+    :class:`DatasetNotFoundError` saying both. Processes that find the same dataset missing
+    at once (the ranks of a ``torchrun`` job) take turns: one downloads, the others wait
+    and then load what it fetched. A dataset without an official source
+    (``folder:PATH``, mini-ImageNet) raises its own error unchanged.
+    """
+    try:
+        return load(False)
+    except DatasetNotFoundError as e:
+        if not (official() if callable(official) else official):
+            raise
+        refused = REFUSED_BY_CALLER if not download else "METAFEW_OFFLINE is set" if offline() else None
+        if refused is not None:
+            raise DatasetNotFoundError(f"{e} (not downloaded: {refused})") from e
+    from ..paths import data_roots
+
+    where = " or ".join(str(r) for r in data_roots(root))
+    key = hashlib.sha1(f"{what}\n{where}".encode()).hexdigest()[:12]
+    # One process fetches (the ranks of a torchrun job, two commands started together); the
+    # others wait for it, then find the dataset there.
+    with _one_downloader(cache_dir() / "downloads" / f"first-use-{key}", what):
+        try:
+            return load(False)
+        except DatasetNotFoundError:
+            pass
+        (log or _stderr)(
+            f"{what} is not in {where}: downloading it from its official source on first use "
+            "(--no-download or download=False refuses; --data-root or METAFEW_DATA points at a copy you already have)"
+        )
+        try:
+            return load(True)
+        except DownloadFailed as e:  # offline machine, firewall, bad mirror: say both what is missing and why
+            raise DatasetNotFoundError(f"{what} not found in {where}, and downloading it failed: {e}") from e
+
+
+def _downloadable(name: str) -> bool:
+    """Whether ``name`` has an official source metafew downloads (not ``folder:``, not mini-ImageNet)."""
+    from .registry import _lookup
+
+    spec = _lookup(name)[0]
+    return bool(spec.url) and spec.download is not None
+
+
+def load_on_first_use(
+    name: str,
+    subset: str | None = None,
+    *,
+    root: str | os.PathLike[str] | None = None,
+    download: bool = False,
+    log: Callable[[str], None] | None = None,
+    **options: Any,
+) -> FewShotDataset:
+    """:func:`metafew.load_dataset` under the first-use rule (:func:`fetch_on_first_use`).
+
+    What :func:`metafew.train_run`, :func:`metafew.config.test_episodes` and
+    :func:`metafew.config.run_pretrain` load their named datasets with: found, it is
+    loaded once; missing, it is downloaded first when ``download`` is True (and
+    ``$METAFEW_OFFLINE`` is not set), else the "not found" error names where it looked.
+    """
+    from .registry import load_dataset
+
+    return fetch_on_first_use(
+        name,
+        lambda dl: load_dataset(name, subset, root=root, download=dl, **options),
+        download=download,
+        official=lambda: _downloadable(name),
+        root=root,
+        log=log,
+    )
+
+
+def ensure_dataset(
+    name: str,
+    subset: str | None = None,
+    *,
+    root: str | os.PathLike[str] | None = None,
+    download: bool = False,
+    log: Callable[[str], None] | None = None,
+    **options: Any,
+) -> None:
+    """Make sure dataset ``name`` is in a data root before code that loads it by name runs.
+
+    Cheap when it is there (:func:`metafew.data.dataset_info`, nothing decoded); otherwise
+    :func:`load_on_first_use` fetches it (``download``) or raises its "not found" error.
+    For the commands whose loading happens deeper down (``metafew bench``, ``adapt``,
+    ``predict --evaluate NAME``).
+    """
+    from .registry import dataset_info
+
+    if dataset_info(name, root).get("found"):
+        return
+    load_on_first_use(name, subset, root=root, download=download, log=log, **options)
