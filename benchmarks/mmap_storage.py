@@ -22,7 +22,15 @@ is closed first) and ``mincore`` checks how much of it is still resident. Memory
 and mapped rounds alternate, ``--repeats`` times, and the median is reported, so
 load from other processes hits both alike. One torch thread (``--threads``).
 
+``--decode-peak`` measures the one-time decode instead: a fresh cache, the dataset loaded with
+``storage="mmap"`` and with ``"memory"``, each in its own process, and the peak memory of
+reading ``.images`` (decode, cache write, map): what Python and numpy allocated (``tracemalloc``)
+and the process's anonymous resident memory (``RssAnon`` sampled every 10 ms; the pages of the
+file being written are not in it), next to the decoded size. With ``--decode-workers 1`` every
+decode runs in the measured process.
+
     python benchmarks/mmap_storage.py --data-root ../shared/data --json benchmarks/results/mmap.json
+    python benchmarks/mmap_storage.py --decode-peak caltech101:all --decode-workers 1 --json benchmarks/results/mmap-decode.json
 """
 
 from __future__ import annotations
@@ -35,8 +43,12 @@ import json
 import mmap
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
+import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 from common import machine, set_threads  # benchmarks/common.py
@@ -275,6 +287,76 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+# -- the one-time decode: peak memory -----------------------------------------------------------
+
+
+def _rss_anon_kib() -> int:
+    """This process's anonymous resident memory (heap, not file-backed pages), KiB; 0 where unknown."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def decode_child(spec: str, storage: str, image_size: int) -> dict:
+    """In this (fresh) process: load ``spec`` (``dataset:subset``) with ``storage``, read its images
+    once into an empty cache, and report the peak memory of that read."""
+    from metafew.data import load_dataset
+
+    name, _, subset = spec.partition(":")
+    options = {"image_size": image_size} if image_size else {}
+    ds = load_dataset(name, subset or "train", storage=storage, **options)
+    base_kib, peak = _rss_anon_kib(), [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.01):
+            peak[0] = max(peak[0], _rss_anon_kib())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    images = ds.images
+    seconds = time.perf_counter() - t0
+    traced_peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    done.set()
+    sampler.join()
+    checksum = int(images[:: max(1, len(images) // 64)].double().sum())  # the same bits both ways
+    return {"storage": storage, "mapped": ds.is_mapped, "images": len(ds), "shape": list(images.shape[1:]),
+            "decoded_mib": ds.nbytes / 2**20, "seconds": seconds, "tracemalloc_peak_mib": traced_peak / 2**20,
+            "rss_anon_peak_over_start_mib": max(0, max(peak[0], _rss_anon_kib()) - base_kib) / 1024,
+            "checksum": checksum}  # fmt: skip
+
+
+def decode_peak(args: argparse.Namespace) -> dict:
+    """``--decode-peak``: the decode of one dataset into a map and into memory, each in a fresh process."""
+    rows = []
+    for storage in ("mmap", "memory"):
+        with tempfile.TemporaryDirectory(prefix="metafew-decode-peak-") as cache:
+            env = {**os.environ, "METAFEW_CACHE": cache, "METAFEW_DECODE_WORKERS": str(args.decode_workers),
+                   "OMP_NUM_THREADS": "1"}  # fmt: skip
+            if args.data_root:
+                env["METAFEW_DATA"] = str(args.data_root)
+            cmd = [sys.executable, __file__, "--decode-child", args.decode_peak, storage, str(args.image_size)]
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+            if out.returncode != 0:
+                raise SystemExit(f"the {storage} decode failed:\n{out.stderr[-2000:]}")
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            r = rows[-1]
+            print(f"   {storage}: {r['images']} images {r['shape']} ({r['decoded_mib']:.0f} MiB decoded) in "
+                  f"{r['seconds']:.1f} s; peak tracemalloc {r['tracemalloc_peak_mib']:.1f} MiB, "
+                  f"RssAnon +{r['rss_anon_peak_over_start_mib']:.1f} MiB", flush=True)  # fmt: skip
+    if rows[0]["checksum"] != rows[1]["checksum"]:
+        raise SystemExit("the mapped and in-memory decodes differ")
+    return {"dataset": args.decode_peak, "image_size": args.image_size, "decode_workers": args.decode_workers,
+            "rows": rows}  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default=os.environ.get("METAFEW_DATA"))
@@ -284,8 +366,28 @@ def main() -> int:
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiplies the training steps per round")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--decode-peak",
+        metavar="DATASET:SUBSET",
+        default=None,
+        help="measure the peak memory of decoding this dataset into a map and into memory",
+    )
+    parser.add_argument("--decode-workers", type=int, default=1, help="decode processes for --decode-peak")
+    parser.add_argument("--image-size", type=int, default=84, help="image side for --decode-peak (0: default)")
+    parser.add_argument("--decode-child", nargs=3, metavar=("SPEC", "STORAGE", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.decode_child:  # one measured decode, in the process --decode-peak started
+        spec, storage, size = args.decode_child
+        print(json.dumps(decode_child(spec, storage, int(size))))
+        return 0
     set_threads(args.threads)
+    if args.decode_peak:
+        results = {"machine": machine(), "command": " ".join([Path(sys.executable).name, *sys.argv]),
+                   "decode_peak": decode_peak(args)}  # fmt: skip
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        return 0
     base_steps = {"omniglot-5way": 6, "omniglot-20way": 2, "caltech101-5way": 2}
     args.steps = {k: max(2, round(v * args.steps_scale)) for k, v in base_steps.items()}
     results: dict = {"machine": machine(), "command": " ".join([Path(sys.executable).name, *sys.argv]),

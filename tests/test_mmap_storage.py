@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import signal
+import tracemalloc
 from dataclasses import fields
 
 import numpy as np
@@ -11,11 +12,13 @@ import pytest
 import torch
 
 import metafew.data.base as base
+import metafew.data.decode as decode
 import metafew.data.episodes as episodes
 from metafew.backbones import create as create_backbone
 from metafew.checkpoint import load_state
 from metafew.data import EpisodeBatch, EpisodeSampler, FewShotDataset, FlipCrop, load_dataset
-from metafew.data.base import mapped_cache_path, memory_budget, parse_size
+from metafew.data.base import cached_array, mapped_cache_path, memory_budget, parse_size
+from metafew.data.decode import ChunkedArray, decode_files, take
 from metafew.engine import evaluate, train
 from metafew.errors import DatasetError
 from metafew.learners import create as create_learner
@@ -263,3 +266,123 @@ def test_mapped_episodes_on_cuda_come_through_pinned_memory(omniglot_pair):
         assert last_b.support_x.is_cuda and same(last_a, last_b)
     assert all(buf is None or buf.is_pinned() for buf in b._stage("train").buffers)
     assert all(same(x, y) for x, y in zip(a.fixed(9).batches(4), b.fixed(9).batches(4), strict=True))
+
+
+# -- streamed decodes: a mapped dataset never exists whole in memory ------------------------------
+
+
+def streamed(n: int, row: tuple[int, ...] = (3, 32, 32), block: int = 16, fail_after: int | None = None):
+    """A ChunkedArray of ``n`` random images made ``block`` rows at a time (seeded per block), and the
+    same images as one array; ``fail_after``: Ctrl-C after that many blocks, as a killed decode."""
+
+    def make(lo: int) -> np.ndarray:
+        k = min(block, n - lo)
+        return np.random.default_rng(lo).integers(0, 256, (k, *row), dtype=np.uint8)
+
+    def blocks():
+        for j, lo in enumerate(range(0, n, block)):
+            if fail_after is not None and j == fail_after:
+                raise KeyboardInterrupt
+            yield make(lo)
+
+    whole = np.concatenate([make(lo) for lo in range(0, n, block)])
+    return ChunkedArray((n, *row), blocks), whole
+
+
+def peak_bytes(fn) -> tuple[object, int]:
+    """``fn()`` and the peak of the memory Python and numpy allocated while it ran (tracemalloc)."""
+    tracemalloc.start()
+    try:
+        out = fn()
+        return out, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def streamed_dataset(chunked: ChunkedArray, **kw) -> FewShotDataset:
+    n, c, h, w = chunked.shape
+    labels = np.arange(n) % 10
+    return FewShotDataset("toy/streamed", labels, [f"c{i}" for i in range(10)], lambda: chunked, channels=c,
+                          image_size=(h, w), **kw)  # fmt: skip
+
+
+def test_a_streamed_decode_is_written_to_the_map_a_block_at_a_time(tmp_path, monkeypatch):
+    monkeypatch.setenv("METAFEW_CACHE", str(tmp_path))
+    chunked, whole = streamed(2000)  # 6 MB decoded, 48 KB a block
+    ds = streamed_dataset(chunked, storage="mmap", cache_key="s0")
+    images, peak = peak_bytes(lambda: ds.images)
+    assert ds.is_mapped and torch.equal(images, torch.from_numpy(whole))
+    assert peak < whole.nbytes // 20, f"{peak:,} bytes allocated to map a {whole.nbytes:,}-byte dataset"
+    # the same decode read into memory allocates the whole array: the measurement sees numpy's arrays
+    _, peak_memory = peak_bytes(lambda: streamed_dataset(streamed(2000)[0], storage="memory").images)
+    assert peak_memory >= whole.nbytes
+
+
+def test_auto_decides_from_the_declared_size_before_decoding(tmp_path, monkeypatch):
+    monkeypatch.setenv("METAFEW_CACHE", str(tmp_path))
+    chunked, whole = streamed(400)  # 1.2 MB
+    monkeypatch.setenv("METAFEW_MEMORY_BUDGET", "1MB")
+    read_whole = []
+    real = ChunkedArray.materialize
+    monkeypatch.setattr(ChunkedArray, "materialize", lambda self: read_whole.append(1) or real(self))
+    big = streamed_dataset(chunked, cache_key="s1")
+    assert big.nbytes == whole.nbytes and not big.is_loaded  # known from the labels and the declared shape
+    assert torch.equal(big.images, torch.from_numpy(whole)) and big.is_mapped and read_whole == []
+    monkeypatch.setenv("METAFEW_MEMORY_BUDGET", "2MB")
+    small = streamed_dataset(streamed(400)[0], cache_key="s1")
+    assert torch.equal(small.images, big.images) and not small.is_mapped and read_whole == [1]
+
+
+def test_a_killed_streamed_decode_leaves_no_file_that_is_trusted_later(tmp_path, monkeypatch):
+    monkeypatch.setenv("METAFEW_CACHE", str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):  # after 5 of 13 blocks
+        streamed_dataset(streamed(200, fail_after=5)[0], storage="mmap", cache_key="s2").images  # noqa: B018
+    with pytest.raises(KeyboardInterrupt):  # the same through the decoded cache
+        cached_array("toy-decode", "k", lambda: streamed(200, fail_after=5)[0])
+    files = [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()]
+    assert all(f.endswith(".lock") for f in files), files  # no half map, no temp file
+    chunked, whole = streamed(200)
+    assert np.array_equal(cached_array("toy-decode", "k", lambda: chunked), whole)
+    again = streamed_dataset(streamed(200)[0], storage="mmap", cache_key="s2")
+    assert torch.equal(again.images, torch.from_numpy(whole))
+
+
+def test_blocks_that_do_not_add_up_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("METAFEW_CACHE", str(tmp_path))
+    short = ChunkedArray((10, 1, 4, 4), lambda: iter([np.zeros((6, 1, 4, 4), np.uint8)]))
+    with pytest.raises(ValueError, match="gave 6 rows, not 10"):
+        short.materialize()
+    bad = FewShotDataset("toy/bad", np.zeros(10, int), ["a"], lambda: short, channels=1, image_size=(5, 5),
+                         storage="mmap")  # fmt: skip
+    with pytest.raises(DatasetError, match=r"images are \(1, 4, 4\), not the declared \(1, 5, 5\)"):
+        bad.images  # noqa: B018
+    assert not list((tmp_path / "mapped").glob("*.npy"))
+
+
+def test_take_gathers_a_block_at_a_time(monkeypatch):
+    monkeypatch.setattr(decode, "CHUNK_BYTES", 3 * 16)  # three 1x4x4 rows a block
+    src = np.arange(20 * 16, dtype=np.uint8).reshape(20, 1, 4, 4)
+    index = np.array([19, 0, 7, 7, 3, 12, 5])
+    seen = []
+    chunked = take(src, index, lambda b, rows: seen.append(rows) or b[:, :, ::-1])
+    assert np.array_equal(chunked.materialize(), src[index][:, :, ::-1])
+    assert seen == [slice(0, 3), slice(3, 6), slice(6, 7)]
+
+
+def test_caltech101_decodes_into_its_map_in_bounded_memory(data_root, tmp_path, monkeypatch):
+    """The real decode path (JPEG files through the decode pool into the decoded cache, then the
+    subset gathered into its map) with tiny chunks: the peak memory is a few chunks plus the file
+    listing, never the decoded subset (14 MB) nor all of Caltech-101 (112 MB); and the map equals
+    the one-array decode (:func:`decode_files`) bit for bit."""
+    monkeypatch.setenv("METAFEW_DECODE_WORKERS", "1")
+    monkeypatch.setenv("METAFEW_CACHE", str(tmp_path))
+    monkeypatch.setattr(decode, "FILE_CHUNK", 8)
+    monkeypatch.setattr(decode, "CHUNK_BYTES", 8 * 3 * 64 * 64)
+    mapped = load_dataset("caltech101", "test", root=data_root, image_size=64, storage="mmap")
+    images, peak = peak_bytes(lambda: mapped.images)
+    assert mapped.is_mapped and mapped.mapped_path is not None and len(mapped) > 1000
+    assert peak < mapped.nbytes // 2, f"{peak:,} bytes allocated to map {mapped.nbytes:,} bytes of images"
+    folder = data_root / "caltech101" / "101_ObjectCategories"
+    paths = [str(p) for c in mapped.classes for p in sorted((folder / c).glob("*.jpg"))]
+    whole, failed = decode_files(paths, (64, 64), 3)
+    assert not failed and np.array_equal(whole, images.numpy())

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import pickle
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -16,6 +19,8 @@ import torch
 from cli_helpers import assert_one_line_error, run_cli
 from PIL import Image
 
+import metafew.data.base as base
+import metafew.data.decode as decode
 from metafew.bench.suite import load_suite
 from metafew.data import EpisodeSampler, dataset_info, download_dataset, load_dataset
 from metafew.data import cifar100 as cifar_mod
@@ -384,6 +389,85 @@ def test_cub_download_and_corrupt_image(tmp_path: Path, monkeypatch: pytest.Monk
         load_dataset("cub", "test", root=tmp_path / "root").images  # noqa: B018
 
 
+# -- memory-mapped copies that persist ----------------------------------------------------------
+
+MAKE = {
+    "mini-imagenet": make_mini_csv,
+    "mini-imagenet-pickles": make_mini_pickles,
+    "tiered-imagenet": make_tiered,
+    "cifar-fs": lambda root: make_cifar100(root / "cifar-100-python"),
+    "fc100": lambda root: make_cifar100(root / "cifar-100-python"),
+    "cub": lambda root: make_cub(root / "cub"),
+}
+
+
+@pytest.mark.parametrize(
+    "layout, subset",
+    [("mini-imagenet", "train"), ("mini-imagenet-pickles", "val"), ("tiered-imagenet", "train"),
+     ("tiered-imagenet", "val"), ("cifar-fs", "test"), ("fc100", "train"), ("cub", "val")],
+    ids=["mini-csv", "mini-pickle", "tiered-npz", "tiered-png", "cifar-fs", "fc100", "cub"],
+)  # fmt: skip
+def test_a_mapped_copy_is_kept_and_reused(
+    layout: str, subset: str, tmp_path: Path, _own_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decoded into a map a few images at a time, the same bits as the in-memory decode; a second load
+    (a later process) maps the same file, never rewriting it."""
+    name = layout.removesuffix("-pickles")
+    made = MAKE[layout](tmp_path)
+    monkeypatch.setattr(decode, "CHUNK_BYTES", 5 * 3 * 84 * 84)  # blocks of 5 images: many per subset
+    monkeypatch.setattr(decode, "FILE_CHUNK", 3)
+    writes: list[Path] = []
+    real_fill = base._fill_npy
+    monkeypatch.setattr(base, "_fill_npy", lambda path, array: writes.append(path) or real_fill(path, array))
+    first = load_dataset(name, subset, root=tmp_path, storage="mmap")
+    images = first.images
+    path = first.mapped_path
+    assert first.is_mapped and path is not None and path.is_file() and path.is_relative_to(_own_cache)
+    before, n_writes = path.stat(), len(writes)
+    assert n_writes >= 1
+    if name == "tiered-imagenet":  # the npz read 5 rows at a time, BGR to RGB; the PNGs decoded 3 per task
+        _assert_colors(first, made)  # type: ignore[arg-type]
+    second = load_dataset(name, subset, root=tmp_path, storage="mmap")
+    assert torch.equal(second.images, images) and second.mapped_path == path
+    assert len(writes) == n_writes  # mapped, not written again
+    after = path.stat()
+    assert (after.st_ino, after.st_mtime_ns, after.st_size) == (before.st_ino, before.st_mtime_ns, before.st_size)
+    monkeypatch.setenv("METAFEW_CACHE", str(tmp_path / "another-cache"))  # decoded afresh, into memory
+    memory = load_dataset(name, subset, root=tmp_path, storage="memory")
+    assert not memory.is_mapped and torch.equal(memory.images, images)
+
+
+def test_another_process_maps_the_same_copy(tmp_path: Path, _own_cache: Path) -> None:
+    make_cifar100(tmp_path / "cifar-100-python")
+    first = load_dataset("fc100", "val", root=tmp_path, storage="mmap")
+    first.images  # noqa: B018 - writes the map
+    assert first.mapped_path is not None and first.mapped_path.parent.name == "mapped"
+    mtime = first.mapped_path.stat().st_mtime_ns
+    code = (
+        "import sys, metafew.data.base as base\n"
+        "from metafew.data import load_dataset\n"
+        "base._fill_npy = lambda *a: sys.exit('rewrote the map')\n"
+        f"ds = load_dataset('fc100', 'val', root={str(tmp_path)!r}, storage='mmap')\n"
+        "total = int(ds.images.sum())\n"
+        "print(ds.mapped_path, total)\n"
+    )
+    env = {**os.environ, "METAFEW_CACHE": str(_own_cache)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(first.mapped_path), str(int(first.images.sum()))]
+    assert first.mapped_path.stat().st_mtime_ns == mtime
+
+
+def test_a_bad_image_leaves_no_map_behind(tmp_path: Path, _own_cache: Path) -> None:
+    make_mini_csv(tmp_path, per_class=1)
+    bad = tmp_path / "mini-imagenet" / "images" / f"{split_classes('mini-imagenet', 'test')[0]}00000001.jpg"
+    bad.write_bytes(b"not a jpeg")
+    with pytest.raises(DatasetError, match=rf"{bad.name}: could not be decoded"):
+        load_dataset("mini-imagenet", "test", root=tmp_path, storage="mmap").images  # noqa: B018
+    left = [p.name for p in _own_cache.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
+    assert left == []  # the decode ran to the end, then nothing was kept
+
+
 # -- absent data, `metafew data info`, suites ----------------------------------------------------
 
 LAYOUT_WORDS = {
@@ -437,6 +521,17 @@ def test_published_figures_of_the_main_suites() -> None:
     assert mini["protonet-resnet12-5w1s"] == 60.37 and mini["protonet-resnet12-5w5s"] == 78.02
     fs = {r.name: r.published for r in load_suite("cifar-fs").rows}
     assert fs["metaoptnet-resnet12-5w1s"] == 72.0 and fs["metaoptnet-resnet12-5w5s"] == 84.2
+    assert fs["protonet-resnet12-5w1s"] == 72.2 and fs["protonet-resnet12-5w5s"] == 83.5
+    assert (fs["protonet-conv4-5w1s"], fs["protonet-conv4-5w5s"], fs["maml-conv4-5w1s"]) == (55.5, 72.0, 58.9)
+    tiered = {r.name: r.published for r in load_suite("tiered-imagenet").rows}
+    assert tiered == {"metaoptnet-resnet12-5w1s": 65.99, "metaoptnet-resnet12-5w5s": 81.56}
+    fc = {r.name: r.published for r in load_suite("fc100").rows}
+    assert fc == {"metaoptnet-resnet12-5w1s": 41.1, "metaoptnet-resnet12-5w5s": 55.5}
+    for suite in NAMES:  # a source names its paper's table, and a figure not checked there says so
+        for r in load_suite(suite).rows:
+            unconfirmed = "unconfirmed" in r.source
+            assert unconfirmed == r.notes.startswith("unverified") and ("Table" in r.source or unconfirmed), r
+            assert "verify" not in r.notes.replace("unverified", ""), r
 
 
 def test_bench_without_the_data_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

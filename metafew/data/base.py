@@ -20,10 +20,15 @@ Storage (``storage=`` here and on :func:`metafew.data.load_dataset`):
 
 The mapped file is checked when opened (its ``.npy`` header, dtype, shape and size: a
 truncated or foreign file is a one-line :class:`~metafew.errors.DatasetError` naming it).
-Building it still holds the decoded subset in memory once (the loaders decode to one
-array); every later load, in any process, only maps it. Datasets that pass a
-``cache_key`` (Omniglot, Caltech-101) keep their map under the cache dir; others map
-an unnamed temporary file for the life of the process.
+Building it never holds the whole decoded dataset in memory: the loaders hand back a
+:class:`~metafew.data.decode.ChunkedArray` (a decode, or a gather from the map of the
+decoded cache) that is written block by block into ``np.lib.format.open_memmap`` of a
+temp file, renamed when complete; the extra memory is a block (``decode.CHUNK_BYTES``,
+or ``2 x workers x decode.FILE_CHUNK`` images of a pool decode), not the dataset. Every
+later load, in any process, only maps it. Datasets that pass a ``cache_key`` keep their
+map under the cache dir (or, when their decoded cache already is exactly the dataset,
+map that file: no second copy on disk); others map an unnamed temporary file for the
+life of the process.
 """
 
 from __future__ import annotations
@@ -45,9 +50,10 @@ import torch
 from ..cache_keys import decoded_cache_key
 from ..errors import DatasetError
 from ..paths import cache_dir
+from .decode import ChunkedArray, take
 from .normalize import Normalize
 
-ImageLoader = Callable[[], np.ndarray | torch.Tensor]
+ImageLoader = Callable[[], np.ndarray | torch.Tensor | ChunkedArray]
 Storage = Literal["auto", "memory", "mmap"]
 STORAGES: tuple[str, ...] = ("auto", "memory", "mmap")
 MEMORY_BUDGET_ENV = "METAFEW_MEMORY_BUDGET"
@@ -61,7 +67,9 @@ class FewShotDataset(torch.utils.data.Dataset):
         labels: class index of every image, ``[N]`` in ``0..len(classes)-1``.
         classes: class names, one per label value.
         images: a uint8 tensor ``[N, C, H, W]``, or a zero-argument callable that
-            decodes and returns it (as a numpy or torch uint8 array) on first use.
+            decodes and returns it (as a numpy or torch uint8 array, or a
+            :class:`~metafew.data.decode.ChunkedArray`, which a mapped dataset writes to its
+            map block by block) on first use.
         mean, std: per-channel normalisation statistics in ``[0, 1]`` units.
         image_size: ``(H, W)``; channels: ``C`` (known without decoding).
         storage: ``"auto"`` (default), ``"memory"`` or ``"mmap"`` (see the module
@@ -169,7 +177,10 @@ class FewShotDataset(torch.utils.data.Dataset):
         """
         if self._resolve_storage(lazy=callable(source)) != "mmap":
             array = source() if callable(source) else source
-            if _is_file_mapped(array):  # a loader handed back a map: read it in, as asked
+            if isinstance(array, ChunkedArray):  # a streamed decode: assembled in memory, as asked
+                self._check_shape(array.shape)
+                array = array.materialize()
+            elif _is_file_mapped(array):  # a loader handed back a map: read it in, as asked
                 array = np.array(array)
             elif self._map_path is not None and isinstance(array, torch.Tensor):  # from "mmap" to "memory"
                 array = array.clone()
@@ -179,22 +190,36 @@ class FewShotDataset(torch.utils.data.Dataset):
         path = mapped_cache_path(self.name, self.cache_key) if self.cache_key else None
         mapped = None if path is None else open_mapped(path, self._shape(), missing_ok=True)
         if mapped is None:
+            got: torch.Tensor | np.ndarray | ChunkedArray
             if callable(source):
                 with _prefer_mapped_caches():  # a loader's own cache is mapped, not read whole
-                    source = source()
-            array = source.numpy() if isinstance(source, torch.Tensor) else np.asarray(source)
-            self._check_images(array)  # shape and dtype, before writing anything
-            if tuple(array.shape[1:]) != self._shape()[1:]:
-                raise DatasetError(
-                    f"{self.name}: images are {tuple(array.shape[1:])}, not the declared {self._shape()[1:]}"
-                )
-            if _is_file_mapped(array):  # the loader's own cache file, mapped: no second copy
-                self._images = self._check_images(array)
-                self._map_path, self._map_persistent = Path(array.filename), False  # type: ignore[attr-defined]
-                return
-            mapped, path = write_mapped(array, path)
+                    got = source()
+            else:
+                got = source
+            if isinstance(got, ChunkedArray):  # decoded (or gathered) block by block into the map
+                self._check_shape(got.shape)
+                mapped, path = write_mapped(got, path)
+            else:
+                array = got.numpy() if isinstance(got, torch.Tensor) else np.asarray(got)
+                self._check_images(array)  # shape and dtype, before writing anything
+                self._check_shape(array.shape)
+                if _is_file_mapped(array):  # the loader's own cache file, mapped: no second copy
+                    self._images = self._check_images(array)
+                    self._map_path = Path(array.filename)  # type: ignore[attr-defined]
+                    self._map_persistent = _maps_whole_npy(array, self._map_path)  # e.g. the decoded cache
+                    return
+                mapped, path = write_mapped(array, path)
         self._images = self._check_images(mapped)
         self._map_path, self._map_persistent = path, self.cache_key is not None
+
+    def _check_shape(self, shape: Sequence[int]) -> None:
+        """DatasetError unless ``shape`` is the declared ``[N, C, H, W]`` (checked before anything is written)."""
+        if len(shape) != 4 or shape[0] != len(self.labels):
+            raise DatasetError(
+                f"{self.name}: images must be [N, C, H, W] with N = {len(self.labels)}, got {tuple(shape)}"
+            )
+        if tuple(shape[1:]) != self._shape()[1:]:
+            raise DatasetError(f"{self.name}: images are {tuple(shape[1:])}, not the declared {self._shape()[1:]}")
 
     def _check_images(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
         t = torch.as_tensor(images)
@@ -246,7 +271,9 @@ class FewShotDataset(torch.utils.data.Dataset):
         index = keep.nonzero().squeeze(1)
         parent = self
 
-        def load() -> torch.Tensor:
+        def load() -> torch.Tensor | ChunkedArray:
+            if parent.is_mapped:  # gathered a block at a time: a mapped subset never lands in RAM whole
+                return take(parent.images.numpy(), index.numpy())
             return parent.images[index]
 
         return FewShotDataset(
@@ -305,9 +332,20 @@ def cache_key(*parts: object) -> str:
 
 
 def cached_array(
-    name: str, key: str, build: Callable[[], np.ndarray], *, sources: str | os.PathLike[str] | None = None
+    name: str,
+    key: str,
+    build: Callable[[], np.ndarray | ChunkedArray],
+    *,
+    sources: str | os.PathLike[str] | None = None,
+    mapped: bool | None = None,
 ) -> np.ndarray:
     """Return ``build()``, cached as ``<cache>/decoded/<name>-<key>.npy``.
+
+    ``build`` may return a :class:`~metafew.data.decode.ChunkedArray` (a streamed decode):
+    its blocks are then written straight into ``np.lib.format.open_memmap`` of the temp
+    file, so a decode larger than memory never exists as one array; the result is a map of
+    the file while a memory-mapped dataset is being built (or with ``mapped=True``: e.g. to
+    fill the cache without reading it back), else the file read in.
 
     The file's key is ``key`` plus what else decides the pixels
     (:func:`metafew.cache_keys.decoded_cache_key`): the decode code, the metafew, numpy and
@@ -321,6 +359,12 @@ def cached_array(
     :class:`FewShotDataset` is being built it is a map of the file instead (so the
     loader's indexing reads only what the dataset needs).
     """
+    if mapped is not None:
+        token = _MAP_CACHES.set(mapped)
+        try:
+            return cached_array(name, key, build, sources=sources)
+        finally:
+            _MAP_CACHES.reset(token)
     path = cache_dir() / "decoded" / f"{name}-{decoded_cache_key(key, sources=sources)}.npy"
     cached = _load_npy(path)
     if cached is not None:
@@ -328,15 +372,32 @@ def cached_array(
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError:
-        return build()  # no writable cache: decode every time
+        return _realize(build())  # no writable cache: decode every time
     with _file_lock(path.with_suffix(".lock")):
         cached = _load_npy(path)  # another process may have built it while we waited
         if cached is not None:
             return cached
-        array = build()
+        built = build()
+        if isinstance(built, ChunkedArray):
+            try:
+                _fill_npy_atomic(path, built)
+            except OSError:  # a full or read-only cache: decode again, without it
+                return _realize(built)
+            cached = _load_npy(path)
+            return cached if cached is not None else _realize(built)
         with contextlib.suppress(OSError):  # a full or read-only cache only costs a re-decode next time
-            _save_atomic(path, array)
-    return array
+            _save_atomic(path, built)
+    return built
+
+
+def _realize(built: np.ndarray | ChunkedArray) -> np.ndarray:
+    """A build's array: a ChunkedArray is mapped from an unnamed temp file while a mapped dataset is
+    built (never whole in memory), else assembled in memory."""
+    if not isinstance(built, ChunkedArray):
+        return built
+    if _MAP_CACHES.get():
+        return write_mapped(built, None)[0]
+    return built.materialize()
 
 
 def _load_npy(path: Path) -> np.ndarray | None:
@@ -432,6 +493,18 @@ def _is_file_mapped(array: object) -> bool:
     return isinstance(array, np.memmap) and getattr(array, "_mmap", None) is not None
 
 
+def _maps_whole_npy(array: np.ndarray, path: Path) -> bool:
+    """Whether ``array`` (a file map) is the whole of the ``.npy`` at ``path``, so that mapping the
+    file again (in a worker, a later process) gives the same images; False for a view or an unlinked file."""
+    if not array.flags.c_contiguous:
+        return False
+    try:
+        shape, dtype, fortran, _ = _npy_layout(path)
+    except (OSError, ValueError):
+        return False
+    return tuple(shape) == tuple(array.shape) and dtype == array.dtype and not fortran
+
+
 def _npy_layout(path: Path) -> tuple[tuple[int, ...], np.dtype, bool, int]:
     """``(shape, dtype, fortran_order, data_offset)`` from a ``.npy`` header; ValueError if it is not one."""
     with open(path, "rb") as f:
@@ -474,12 +547,13 @@ def open_mapped(path: Path, shape: tuple[int, ...], *, missing_ok: bool = False)
         ) from None
 
 
-def write_mapped(array: np.ndarray, path: Path | None) -> tuple[np.ndarray, Path]:
+def write_mapped(array: np.ndarray | ChunkedArray, path: Path | None) -> tuple[np.ndarray, Path]:
     """Write ``array`` as a ``.npy`` at ``path`` atomically and return ``(its memory map, path)``.
 
     ``path=None``: an unnamed temporary file in the cache folder (else the system temp
     folder), unlinked once mapped (POSIX keeps it while mapped). Written a few MB at a
-    time into the map of a temp file, then renamed: an interrupted write leaves no file
+    time (a :class:`~metafew.data.decode.ChunkedArray` block by block, as it is decoded)
+    into the map of a temp file, then renamed: an interrupted write leaves no file
     under the final name, and concurrent writers of one path wait on a lock.
     """
     if path is not None:
@@ -512,12 +586,27 @@ def write_mapped(array: np.ndarray, path: Path | None) -> tuple[np.ndarray, Path
     return mapped, tmp_path
 
 
-def _fill_npy(path: Path, array: np.ndarray) -> None:
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=array.shape)
+_FLUSH_BYTES = 256 << 20  # written pages are flushed to disk this often, so few are dirty at a time
+
+
+def _fill_npy(path: Path, array: np.ndarray | ChunkedArray) -> None:
+    """Write ``array`` as the ``.npy`` at ``path`` through ``np.lib.format.open_memmap``, a block at a time."""
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=tuple(array.shape))
     try:
-        per = max(1, (64 << 20) // max(1, math.prod(array.shape[1:])))
-        for lo in range(0, len(array), per):
-            out[lo : lo + per] = array[lo : lo + per]
+        row = max(1, math.prod(array.shape[1:]))
+        if isinstance(array, ChunkedArray):
+            flushed = [0]
+
+            def flush(rows_done: int, target: np.memmap = out) -> None:
+                if (rows_done - flushed[0]) * row >= _FLUSH_BYTES:
+                    target.flush()
+                    flushed[0] = rows_done
+
+            array.write_into(out, on_block=flush)
+        else:
+            per = max(1, (64 << 20) // row)
+            for lo in range(0, len(array), per):
+                out[lo : lo + per] = array[lo : lo + per]
         out.flush()
     finally:
         del out
@@ -525,18 +614,28 @@ def _fill_npy(path: Path, array: np.ndarray) -> None:
         os.fsync(f.fileno())
 
 
-def _write_npy_atomic(path: Path, array: np.ndarray) -> None:
+def _fill_npy_atomic(path: Path, array: np.ndarray | ChunkedArray) -> None:
+    """:func:`_fill_npy` into a temp file beside ``path``, renamed to it when complete: all or nothing.
+
+    Whatever interrupts it (an error of the decode, Ctrl-C, a full disk: OSError, raised as is)
+    leaves no file under the final name and no temp file; a killed process can leave only a
+    ``.npy.tmp`` that nothing ever reads.
+    """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".npy.tmp")
     os.close(fd)
     try:
         _fill_npy(Path(tmp), array)
         os.replace(tmp, path)
-    except OSError as e:  # a full disk, a read-only cache
-        Path(tmp).unlink(missing_ok=True)
-        raise DatasetError(f"cannot write the memory-mapped image cache {path}: {e}") from None
-    except BaseException:  # interrupted: no file under the final name, no temp file left
+    except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _write_npy_atomic(path: Path, array: np.ndarray | ChunkedArray) -> None:
+    try:
+        _fill_npy_atomic(path, array)
+    except OSError as e:  # a full disk, a read-only cache
+        raise DatasetError(f"cannot write the memory-mapped image cache {path}: {e}") from None
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ import numpy as np
 from ..errors import DatasetError
 from ..paths import data_candidates, data_root, find_data
 from .base import FewShotDataset, cache_key, cached_array
-from .decode import decode_files
+from .decode import ChunkedArray, decode_files_chunked, take
 from .download import check_md5, dataset_not_found, download_and_extract, extract_archive, making_dirs, offline
 from .registry import DatasetSpec, register_dataset
 
@@ -173,16 +173,16 @@ def Caltech101(
         raise DatasetError(f"class folder {folder / empty[0]} has no JPEG images")
     key = cache_key(_VERSION, image_size, rel)
 
-    def build() -> np.ndarray:
-        paths = [str(folder / r) for r in rel]
-        arr, failed = decode_files(paths, (image_size, image_size), 3, desc="decoding Caltech-101")
-        if failed:
-            i, reason = next(iter(sorted(failed.items())))
-            raise DatasetError(f"{folder / rel[i]}: could not be decoded ({reason})")
-        return arr
+    def failed(bad: dict[int, str]) -> None:
+        i, reason = next(iter(sorted(bad.items())))
+        raise DatasetError(f"{folder / rel[i]}: could not be decoded ({reason})")
 
-    def load() -> np.ndarray:
-        return cached_array(f"caltech101-{image_size}", key, build, sources=folder)[index]
+    def build() -> ChunkedArray:
+        paths = [str(folder / r) for r in rel]
+        return decode_files_chunked(paths, (image_size, image_size), 3, on_failures=failed, desc="decoding Caltech-101")
+
+    def load() -> ChunkedArray:
+        return take(cached_array(f"caltech101-{image_size}", key, build, sources=folder), index)
 
     return FewShotDataset(
         f"caltech101/{subset}" + ("" if seed == 0 else f"-seed{seed}"),

@@ -32,6 +32,7 @@ import numpy as np
 from ..errors import DatasetError, DatasetNotFoundError
 from ..paths import data_candidates, data_root, find_data
 from .base import FewShotDataset, cache_key, cached_array
+from .decode import ChunkedArray, take
 from .download import check_md5, dataset_not_found, download_file, extract_archive
 from .packaged import as_text, file_stamp, load_pickle, resize_array, split_classes, str_keys
 from .registry import DatasetSpec, register_dataset
@@ -191,11 +192,13 @@ def _dataset(
     key = cache_key(_VERSION, image_size, stamp)
     n = len(fine)
 
-    def build() -> np.ndarray:
-        return resize_array(_images(folder, n), (image_size, image_size))
+    size = (image_size, image_size)
 
-    def load() -> np.ndarray:
-        return cached_array(f"cifar100-{image_size}", key, build)[index]
+    def build() -> ChunkedArray:  # resized a block at a time
+        return take(_images(folder, n), None, lambda block, _: resize_array(block, size), (3, *size))
+
+    def load() -> ChunkedArray:
+        return take(cached_array(f"cifar100-{image_size}", key, build), index)
 
     return FewShotDataset(
         f"{kind}/{subset}",
@@ -206,6 +209,7 @@ def _dataset(
         image_size=(image_size, image_size),
         mean=CIFAR100_MEAN,
         std=CIFAR100_STD,
+        cache_key=cache_key(key, classes),  # names the memory-mapped copy
     )
 
 

@@ -27,7 +27,7 @@ from ..errors import DatasetError, DatasetNotFoundError
 from ..paths import data_candidates, data_root, find_data
 from .base import FewShotDataset, cache_key, cached_array
 from .caltech101 import IMAGENET_MEAN, IMAGENET_STD
-from .decode import decode_files
+from .decode import ChunkedArray, decode_files_chunked
 from .download import check_md5, dataset_not_found, download_file, extract_archive
 from .packaged import split_classes
 from .registry import DatasetSpec, register_dataset
@@ -147,14 +147,16 @@ def CUB(
     labels = np.repeat(np.arange(len(wanted)), [len(by_class[c]) for c in wanted])
     key = cache_key(_VERSION, image_size, str(folder.resolve()), rel)
 
-    def build() -> np.ndarray:
-        paths = [str(folder / "images" / r) for r in rel]
-        arr, failed = decode_files(paths, (image_size, image_size), 3, desc="decoding CUB-200-2011")
-        if failed:
-            i, reason = next(iter(sorted(failed.items())))
-            more = f" ({len(failed) - 1} more bad file(s))" if len(failed) > 1 else ""
-            raise DatasetError(f"{paths[i]}: could not be decoded ({reason}){more}")
-        return arr
+    paths = [str(folder / "images" / r) for r in rel]
+
+    def failed(bad: dict[int, str]) -> None:
+        i, reason = min(bad.items())
+        more = f" ({len(bad) - 1} more bad file(s))" if len(bad) > 1 else ""
+        raise DatasetError(f"{paths[i]}: could not be decoded ({reason}){more}")
+
+    def build() -> ChunkedArray:
+        size = (image_size, image_size)
+        return decode_files_chunked(paths, size, 3, on_failures=failed, desc="decoding CUB-200-2011")
 
     def load() -> np.ndarray:
         return cached_array(f"cub-{subset}-{image_size}", key, build)
@@ -168,6 +170,7 @@ def CUB(
         image_size=(image_size, image_size),
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
+        cache_key=key,  # names the memory-mapped copy (the decoded cache itself: it is the whole subset)
     )
 
 

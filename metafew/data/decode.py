@@ -17,20 +17,30 @@ Policy of :func:`load_image` / :func:`convert_image`:
   message gives its pixel count; ``$METAFEW_MAX_IMAGE_PIXELS`` (read at import, ``0``:
   no limit) sets ``PIL.Image.MAX_IMAGE_PIXELS`` to allow such files.
 
+Streaming (datasets larger than memory): :class:`ChunkedArray` is a decode whose shape is
+known up front and whose images come block by block; :func:`decode_files_chunked` and
+:func:`decoded_chunks` (a pool's results in order, at most a few chunks in flight) and
+:func:`take` (a gather from an array or a map) make one. :func:`metafew.data.base.cached_array`
+and a memory-mapped :class:`~metafew.data.FewShotDataset` write it straight into a
+``.npy`` map, so no array of the whole dataset is ever allocated.
+
 The cached decoded arrays depend on exactly this code: a change to what it produces
 must bump the ``_VERSION`` of the datasets that cache its output.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import io
+import math
 import multiprocessing as mp
+import multiprocessing.pool
 import os
 import re
 import warnings
-from collections.abc import Callable, Sequence
-from typing import IO, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import IO, Any, TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -38,9 +48,11 @@ from PIL import Image, UnidentifiedImageError
 from ..progress import progress
 
 __all__ = [
+    "CHUNK_BYTES",
     "DECODE_ERRORS",
     "IMAGE_EXTENSIONS",
     "PIXEL_LIMIT_ENV",
+    "ChunkedArray",
     "ImageTooLarge",
     "apply_pixel_limit",
     "convert_image",
@@ -48,15 +60,20 @@ __all__ = [
     "decode_drawing",
     "decode_error_reason",
     "decode_files",
+    "decode_files_chunked",
     "decode_workers",
+    "decoded_chunks",
     "image_channels",
     "is_image_file",
+    "iter_parallel_chunks",
     "load_image",
     "open_image",
     "parallel_chunks",
     "pixel_limit_tag",
     "probe_files",
     "probe_image",
+    "rows_per_block",
+    "take",
     "to_array",
     "to_mode",
 ]
@@ -284,7 +301,24 @@ def parallel_chunks(
     Used for the one-time decode of a dataset: PIL releases little of the GIL, so
     processes (forked where the platform allows: no re-import of torch per worker)
     are what scales over cores. Small jobs run in-process. ``fn`` must be a
-    module-level function.
+    module-level function. :func:`iter_parallel_chunks` yields the results instead.
+    """
+    return list(iter_parallel_chunks(fn, items, chunk_size=chunk_size, desc=desc, workers=workers))
+
+
+def iter_parallel_chunks(
+    fn: Callable[[Sequence[T]], R],
+    items: Sequence[T],
+    *,
+    chunk_size: int = 512,
+    desc: str = "decoding",
+    workers: int | None = None,
+) -> Iterator[R]:
+    """:func:`parallel_chunks`, yielding each chunk's result in order as it is ready.
+
+    At most ``2 * workers`` chunks are in flight (submitted and not yet consumed), so the
+    results held at any time are bounded by a few chunks, however many items there are:
+    what lets a dataset larger than memory be decoded straight into a file.
     """
     chunks = [items[i : i + chunk_size] for i in range(0, len(items), chunk_size)]
     workers = min(decode_workers() if workers is None else workers, len(chunks))
@@ -292,21 +326,161 @@ def parallel_chunks(
         workers = 1
     with progress(total=len(items), desc=desc, unit="img") as bar:
         if workers <= 1:
-            out = []
             for c in chunks:
-                out.append(fn(c))
+                r = fn(c)
                 bar.update(len(c))
-            return out
+                yield r
+                del r  # not held while the next chunk is computed
+            return
         methods = mp.get_all_start_methods()
         ctx = mp.get_context("fork" if "fork" in methods else None)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork of a threaded process
-            with ctx.Pool(workers) as pool:
-                out = []
-                for c, r in zip(chunks, pool.imap(fn, chunks)):
-                    out.append(r)
-                    bar.update(len(c))
-                return out
+            pool = ctx.Pool(workers)
+        with pool:  # leaving early (an error, a consumer that stops) terminates the workers
+            todo = iter(chunks)
+            pending: collections.deque[tuple[int, mp.pool.AsyncResult[R]]] = collections.deque()
+            for c in todo:
+                pending.append((len(c), pool.apply_async(fn, (c,))))
+                if len(pending) >= 2 * workers:
+                    break
+            while pending:
+                n, job = pending.popleft()
+                r = job.get()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    pending.append((len(nxt), pool.apply_async(fn, (nxt,))))
+                bar.update(n)
+                yield r
+                del r
+
+
+# -- streamed decodes -------------------------------------------------------------------
+
+CHUNK_BYTES = 16 << 20  # the size of a block of :func:`take`: ~16 MB of images
+
+
+class ChunkedArray:
+    """A uint8 array produced block by block: ``shape`` is known before anything is decoded.
+
+    ``blocks()`` returns a fresh iterator over consecutive arrays of ``shape[1:]`` whose
+    lengths add up to ``shape[0]`` (it may raise once all are produced, e.g. to report the
+    files that failed). A memory-mapped dataset or :func:`~metafew.data.base.cached_array`
+    writes the blocks straight into its ``.npy`` map (:meth:`write_into`), so the extra
+    memory of a decode is one block, never the whole array; :meth:`materialize` builds it
+    in memory when that is what is asked for.
+    """
+
+    def __init__(self, shape: Sequence[int], blocks: Callable[[], Iterable[np.ndarray]]) -> None:
+        self.shape = tuple(int(d) for d in shape)
+        self.dtype = np.dtype(np.uint8)
+        self._blocks = blocks
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the whole array, ``prod(shape)``."""
+        return math.prod(self.shape)
+
+    def __repr__(self) -> str:
+        return f"ChunkedArray(shape={self.shape})"
+
+    def write_into(self, out: np.ndarray, on_block: Callable[[int], None] | None = None) -> None:
+        """Write every block into ``out`` (an array or map of :attr:`shape`), in order; ``on_block(rows_done)``
+        after each. Raises ValueError when the blocks do not add up to :attr:`shape`."""
+        if tuple(out.shape) != self.shape:
+            raise ValueError(f"cannot write {self.shape} into an array of shape {tuple(out.shape)}")
+        lo = 0
+        for block in self._blocks():
+            block = np.asarray(block)
+            hi = lo + len(block)
+            if tuple(block.shape[1:]) != self.shape[1:] or hi > self.shape[0]:
+                raise ValueError(f"a block of shape {tuple(block.shape)} at row {lo} does not fit {self.shape}")
+            out[lo:hi] = block
+            lo = hi
+            del block
+            if on_block is not None:
+                on_block(lo)
+        if lo != self.shape[0]:
+            raise ValueError(f"the blocks gave {lo} rows, not {self.shape[0]}")
+
+    def materialize(self) -> np.ndarray:
+        """The whole array in memory (one allocation of :attr:`shape`, filled block by block)."""
+        out = np.empty(self.shape, dtype=np.uint8)
+        self.write_into(out)
+        return out
+
+    def __array__(self, dtype: Any = None, copy: object = None) -> np.ndarray:
+        a = self.materialize()
+        return a if dtype is None else a.astype(dtype)
+
+
+def rows_per_block(row_shape: Sequence[int]) -> int:
+    """Rows of ``row_shape`` (bytes per row: its product) that fit in one :data:`CHUNK_BYTES` block."""
+    return max(1, CHUNK_BYTES // max(1, math.prod(row_shape)))
+
+
+def take(
+    array: np.ndarray,
+    index: np.ndarray | None = None,
+    transform: Callable[[np.ndarray, slice], np.ndarray] | None = None,
+    row_shape: Sequence[int] | None = None,
+) -> ChunkedArray:
+    """``array[index]`` (all rows when ``index`` is None) as a :class:`ChunkedArray`, gathered
+    :data:`CHUNK_BYTES` at a time: from a memory map it reads only what each block needs.
+
+    ``transform(block, rows)`` maps each gathered block (``rows``: its slice of the output)
+    to the output's rows, e.g. a resize; ``row_shape`` is then the per-image output shape
+    (default: the input's).
+    """
+    n = len(array) if index is None else len(index)
+    row_shape = tuple(array.shape[1:]) if row_shape is None else tuple(row_shape)
+    per = rows_per_block(max(row_shape, tuple(array.shape[1:]), key=math.prod))
+
+    def blocks() -> Iterator[np.ndarray]:
+        for lo in range(0, n, per):
+            rows = slice(lo, min(n, lo + per))
+            if index is not None:
+                block = np.asarray(array[index[rows]])  # a gather: already a copy of just these rows
+            else:  # a view of the rows (of a map: read when written out), copied only to be transformed
+                block = np.asarray(array[rows]) if transform is None else np.array(array[rows])
+            out = block if transform is None else transform(block, rows)
+            del block
+            yield out
+            del out  # one block alive at a time, not two
+
+    return ChunkedArray((n, *row_shape), blocks)
+
+
+def decoded_chunks(
+    fn: Callable[[Sequence[T]], tuple[np.ndarray, list[tuple[int, str]]]],
+    items: Sequence[T],
+    shape: Sequence[int],
+    *,
+    on_failures: Callable[[dict[int, str]], None],
+    chunk_size: int = 256,
+    desc: str = "decoding",
+) -> ChunkedArray:
+    """A decode over a process pool (:func:`iter_parallel_chunks`) as a :class:`ChunkedArray` of ``shape``.
+
+    ``fn(chunk)`` returns ``(images [len(chunk), ...], [(position in chunk, reason), ...])``,
+    a failed image left in place (e.g. zeros). Once every chunk is written,
+    ``on_failures({index: reason})`` is called when any failed; it is expected to raise
+    (a one-line DatasetError naming the file), so a half-bad decode is never cached.
+    """
+
+    def blocks() -> Iterator[np.ndarray]:
+        failed: dict[int, str] = {}
+        for j, (arr, bad) in enumerate(iter_parallel_chunks(fn, items, chunk_size=chunk_size, desc=desc)):
+            failed.update((j * chunk_size + i, reason) for i, reason in bad)
+            yield arr
+            del arr
+        if failed:
+            on_failures(failed)
+
+    return ChunkedArray((len(items), *tuple(shape)[1:]), blocks)
 
 
 def _decode_chunk(
@@ -324,11 +498,28 @@ def _decode_chunk(
     return arr, bad
 
 
+def _decode_chunk_in_place(
+    paths: Sequence[str], size: tuple[int, int], channels: int
+) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """Worker: decode a chunk of files to ``[len(paths), C, H, W]``, a bad file left as zeros."""
+    out = np.zeros((len(paths), channels, *size), dtype=np.uint8)
+    bad: list[tuple[int, str]] = []
+    for i, p in enumerate(paths):
+        try:
+            out[i] = load_image(p, size, channels)
+        except DECODE_ERRORS as e:
+            bad.append((i, decode_error_reason(e)))
+    return out, bad
+
+
+FILE_CHUNK = 256  # files per pool task of decode_files / decode_files_chunked
+
+
 def decode_files(
     paths: Sequence[str], size: tuple[int, int], channels: int, desc: str = "decoding images"
 ) -> tuple[np.ndarray, dict[int, str]]:
     """Decode many files over all cores: ``(images [n_good, C, H, W], {index: reason} of failures)``."""
-    chunk = 256
+    chunk = FILE_CHUNK
     results = parallel_chunks(
         functools.partial(_decode_chunk, size=size, channels=channels), paths, chunk_size=chunk, desc=desc
     )
@@ -336,6 +527,27 @@ def decode_files(
     if not results:
         return np.zeros((0, channels, *size), dtype=np.uint8), bad
     return np.concatenate([arr for arr, _ in results]), bad
+
+
+def decode_files_chunked(
+    paths: Sequence[str],
+    size: tuple[int, int],
+    channels: int,
+    *,
+    on_failures: Callable[[dict[int, str]], None],
+    desc: str = "decoding images",
+) -> ChunkedArray:
+    """:func:`decode_files` streamed: a :class:`ChunkedArray` ``[len(paths), C, H, W]`` decoded
+    :data:`FILE_CHUNK` files per pool task; ``on_failures({index: reason})`` (expected to raise) once
+    all are decoded, when any file failed. Nothing is decoded until its blocks are read."""
+    return decoded_chunks(
+        functools.partial(_decode_chunk_in_place, size=size, channels=channels),
+        paths,
+        (len(paths), channels, *size),
+        on_failures=on_failures,
+        chunk_size=FILE_CHUNK,
+        desc=desc,
+    )
 
 
 def _probe_chunk(paths: Sequence[str]) -> np.ndarray:

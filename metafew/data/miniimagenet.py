@@ -35,7 +35,7 @@ from ..errors import DatasetError, DatasetNotFoundError
 from ..paths import data_candidates, find_data
 from .base import FewShotDataset, cache_key, cached_array
 from .caltech101 import IMAGENET_MEAN, IMAGENET_STD
-from .decode import decode_files, is_image_file
+from .decode import ChunkedArray, decode_files_chunked, is_image_file, take
 from .download import dataset_not_found
 from .packaged import file_stamp, load_pickle, resize_array, split_classes, str_keys
 from .registry import DatasetSpec, register_dataset
@@ -156,20 +156,19 @@ def _from_files(folder: Path, layout: str, subset: str, image_size: int) -> FewS
     labels = np.repeat(np.arange(len(classes)), [len(rs) for rs in rel])
     key = cache_key(_VERSION, image_size, str(folder.resolve()), flat)
 
-    def build() -> np.ndarray:
-        arr, failed = decode_files(
-            [str(folder / r) for r in flat], (image_size, image_size), 3, desc="decoding mini-ImageNet"
-        )
-        if failed:
-            i, reason = next(iter(sorted(failed.items())))
-            more = f" ({len(failed) - 1} more bad file(s))" if len(failed) > 1 else ""
-            raise DatasetError(f"{folder / flat[i]}: could not be decoded ({reason}){more}")
-        return arr
+    def failed(bad: dict[int, str]) -> None:
+        i, reason = min(bad.items())
+        more = f" ({len(bad) - 1} more bad file(s))" if len(bad) > 1 else ""
+        raise DatasetError(f"{folder / flat[i]}: could not be decoded ({reason}){more}")
+
+    def build() -> ChunkedArray:
+        paths, size = [str(folder / r) for r in flat], (image_size, image_size)
+        return decode_files_chunked(paths, size, 3, on_failures=failed, desc="decoding mini-ImageNet")
 
     def load() -> np.ndarray:
         return cached_array(f"mini-imagenet-{subset}-{image_size}", key, build)
 
-    return _dataset(subset, labels, classes, load, image_size)
+    return _dataset(subset, labels, classes, load, image_size, key)
 
 
 def _read_cache_pickle(path: Path, subset: str) -> tuple[np.ndarray, np.ndarray]:
@@ -200,13 +199,14 @@ def _from_pickle(folder: Path, subset: str, image_size: int) -> FewShotDataset:
     key = cache_key(_VERSION, image_size, file_stamp([path]))
     name = f"mini-imagenet-{subset}-{image_size}"
 
-    def images_of(read: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    def images_of(read: tuple[np.ndarray, np.ndarray]) -> ChunkedArray:
         images, index = read
-        return resize_array(np.ascontiguousarray(images[index[0]]), (image_size, image_size))
+        size = (image_size, image_size)
+        return take(images, index[0], lambda block, _: resize_array(block, size), (3, *size))
 
     def build_index() -> np.ndarray:
         read = _read_cache_pickle(path, subset)
-        cached_array(name, key, lambda: images_of(read))  # one read of the big pickle fills both caches
+        cached_array(name, key, lambda: images_of(read), mapped=True)  # one read of the pickle fills both caches
         return read[1]
 
     index = cached_array(f"mini-imagenet-{subset}-index", key, build_index)
@@ -215,10 +215,12 @@ def _from_pickle(folder: Path, subset: str, image_size: int) -> FewShotDataset:
     def load() -> np.ndarray:
         return cached_array(name, key, lambda: images_of(_read_cache_pickle(path, subset)))
 
-    return _dataset(subset, index[1], classes, load, image_size)
+    return _dataset(subset, index[1], classes, load, image_size, key)
 
 
-def _dataset(subset: str, labels: np.ndarray, classes: list[str], load: Any, image_size: int) -> FewShotDataset:
+def _dataset(
+    subset: str, labels: np.ndarray, classes: list[str], load: Any, image_size: int, key: str
+) -> FewShotDataset:
     return FewShotDataset(
         f"mini-imagenet/{subset}",
         labels,
@@ -228,6 +230,7 @@ def _dataset(subset: str, labels: np.ndarray, classes: list[str], load: Any, ima
         image_size=(image_size, image_size),
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
+        cache_key=key,  # names the memory-mapped copy (the decoded cache itself: it is the whole subset)
     )
 
 

@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import DatasetError
 from ..paths import data_candidates, data_root, find_data
 from .base import FewShotDataset, cache_key, cached_array
-from .decode import DECODE_ERRORS, decode_drawing, decode_error_reason, parallel_chunks
+from .decode import DECODE_ERRORS, ChunkedArray, decode_drawing, decode_error_reason, decoded_chunks, take
 from .download import dataset_not_found, download_and_extract_all, offline
 from .registry import DatasetSpec, register_dataset
 
@@ -164,23 +164,18 @@ def omniglot_images(
 def _all_images(base: Path, files: tuple[str, ...], image_size: int) -> np.ndarray:
     key = cache_key(_VERSION, image_size, files)
 
-    def build() -> np.ndarray:
-        chunk = 512
-        chunks = parallel_chunks(
-            functools.partial(_decode_chunk, base=str(base), size=image_size),
-            list(files),
-            chunk_size=chunk,
-            desc="decoding Omniglot",
+    def failed(bad: dict[int, str]) -> None:
+        i, reason = min(bad.items())
+        more = f" ({len(bad) - 1} more bad file(s))" if len(bad) > 1 else ""
+        raise DatasetError(
+            f"{base / files[i]}: could not be decoded ({reason}){more}; the Omniglot files are corrupt - "
+            "replace them (delete the folder and run `metafew data download omniglot`)"
         )
-        bad = [(j * chunk + i, reason) for j, (_, errs) in enumerate(chunks) for i, reason in errs]
-        if bad:
-            i, reason = bad[0]
-            more = f" ({len(bad) - 1} more bad file(s))" if len(bad) > 1 else ""
-            raise DatasetError(
-                f"{base / files[i]}: could not be decoded ({reason}){more}; the Omniglot files are corrupt - "
-                "replace them (delete the folder and run `metafew data download omniglot`)"
-            )
-        return np.concatenate([arr for arr, _ in chunks])
+
+    def build() -> ChunkedArray:
+        decode = functools.partial(_decode_chunk, base=str(base), size=image_size)
+        shape = (len(files), 1, image_size, image_size)
+        return decoded_chunks(decode, list(files), shape, on_failures=failed, chunk_size=512, desc="decoding Omniglot")
 
     return cached_array(f"omniglot-{image_size}", key, build, sources=base)
 
@@ -242,16 +237,15 @@ def Omniglot(
     rots = np.repeat(np.asarray([k for _, k in picks], dtype=np.int64), counts)
     labels = np.repeat(np.arange(len(picks)), counts)
 
-    def load() -> np.ndarray:
-        full = _all_images(base, files, image_size)
-        if not rots.any():
-            return full[index]
-        out = np.empty((len(index), *full.shape[1:]), dtype=np.uint8)
-        for k in range(4):  # gather each rotation group once, rotate it (counter-clockwise), write it once
-            pos = np.flatnonzero(rots == k)
+    def rotate(block: np.ndarray, rows: slice) -> np.ndarray:
+        for k in (1, 2, 3):  # each rotation group of the block at once (counter-clockwise)
+            pos = np.flatnonzero(rots[rows] == k)
             if len(pos):
-                out[pos] = np.rot90(full[index[pos]], k, axes=(2, 3))
-        return out
+                block[pos] = np.rot90(block[pos], k, axes=(2, 3))
+        return block
+
+    def load() -> ChunkedArray:
+        return take(_all_images(base, files, image_size), index, rotate if rots.any() else None)
 
     return FewShotDataset(
         f"omniglot/{split}-{subset}",

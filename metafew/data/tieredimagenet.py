@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Sequence
+import zipfile
+import zlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,7 @@ from ..errors import DatasetError, DatasetNotFoundError
 from ..paths import data_candidates, find_data
 from .base import FewShotDataset, cache_key, cached_array
 from .caltech101 import IMAGENET_MEAN, IMAGENET_STD
-from .decode import DECODE_ERRORS, decode_error_reason, parallel_chunks
+from .decode import DECODE_ERRORS, ChunkedArray, decode_error_reason, decoded_chunks, rows_per_block, take
 from .download import dataset_not_found
 from .packaged import as_text, decode_bytes, file_stamp, load_pickle, resize_array, split_fields, str_keys
 from .registry import DatasetSpec, register_dataset
@@ -52,7 +54,6 @@ LAYOUT = (
     "{train,val,test}_images_png.pkl (list of PNG bytes) or {train,val,test}_images.npz (images N x 84 x 84 x 3)"
 )
 _VERSION = "tiered-imagenet-v1"
-_BLOCK = 1 << 15  # images decoded per round of the process pool
 
 
 def _labels_file(folder: Path, subset: str) -> Path:
@@ -111,53 +112,67 @@ def _read_labels(folder: Path, subset: str) -> tuple[np.ndarray, list[str], list
     return _read_labels_cached(path, tuple(file_stamp([path])), subset)
 
 
-def _decode_chunk(items: Sequence[tuple[int, Any]], size: int) -> tuple[np.ndarray, list[tuple[int, str]]]:
-    """Worker: ``(position, PNG bytes)`` items to uint8 ``[n, 3, size, size]``; ``(position, reason)`` of bad ones."""
+def _decode_chunk(items: Sequence[Any], size: int) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """Worker: PNG encodings to uint8 ``[n, 3, size, size]``; ``(position in the chunk, reason)`` of bad ones."""
     out = np.zeros((len(items), 3, size, size), dtype=np.uint8)
     bad: list[tuple[int, str]] = []
-    for j, (i, data) in enumerate(items):
+    for j, data in enumerate(items):
         try:
             out[j] = decode_bytes(data, (size, size), 3)
         except DECODE_ERRORS as e:
-            bad.append((i, decode_error_reason(e)))
+            bad.append((j, decode_error_reason(e)))
     return out, bad
 
 
-def _decode_png_pickle(path: Path, n: int, size: int) -> np.ndarray:
+def _decode_png_pickle(path: Path, n: int, size: int) -> ChunkedArray:
+    """The PNG pickle, decoded over the pool a chunk at a time (the encodings are read whole: a pickle)."""
     encoded = load_pickle(path)
     if not isinstance(encoded, (list, tuple)):
         raise DatasetError(f"{path}: expected a pickled list of PNG encodings, got {type(encoded).__name__}")
     if len(encoded) != n:
         raise DatasetError(f"{path}: {len(encoded)} images but {n} labels")
-    out = np.empty((n, 3, size, size), dtype=np.uint8)  # filled block by block: ~1x the decoded size in memory
-    bad: list[tuple[int, str]] = []
-    for start in range(0, n, _BLOCK):
-        items = list(enumerate(encoded[start : start + _BLOCK], start))
-        chunks = parallel_chunks(
-            functools.partial(_decode_chunk, size=size), items, chunk_size=512, desc="decoding tieredImageNet"
-        )
-        out[start : start + len(items)] = np.concatenate([arr for arr, _ in chunks])
-        bad.extend(b for _, errs in chunks for b in errs)
-    if bad:
-        i, reason = bad[0]
+
+    def failed(bad: dict[int, str]) -> None:
+        i, reason = min(bad.items())
         more = f" ({len(bad) - 1} more bad image(s))" if len(bad) > 1 else ""
         raise DatasetError(f"{path}: image {i} could not be decoded ({reason}){more}")
-    return out
+
+    decode = functools.partial(_decode_chunk, size=size)
+    return decoded_chunks(decode, encoded, (n, 3, size, size), on_failures=failed, desc="decoding tieredImageNet")
 
 
-def _read_npz(path: Path, n: int, size: int, order: str) -> np.ndarray:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            images = z["images"]
-    except (OSError, ValueError, KeyError) as e:
-        raise DatasetError(f"{path}: not a readable npz with an 'images' array ({type(e).__name__}: {e})") from e
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
-        raise DatasetError(f"{path}: images is {images.dtype} {images.shape}, expected uint8 N x H x W x 3")
-    if len(images) != n:
-        raise DatasetError(f"{path}: {len(images)} images but {n} labels")
-    if order == "bgr":
-        images = images[..., ::-1]
-    return resize_array(np.ascontiguousarray(images.transpose(0, 3, 1, 2)), (size, size))
+def _read_npz(path: Path, n: int, size: int, order: str) -> ChunkedArray:
+    """The ``images`` of the npz read a block of rows at a time from its zip member (stored or deflated),
+    flipped to RGB when ``order == "bgr"``, channels first, resized: never the whole array in memory."""
+
+    def not_readable(e: BaseException) -> DatasetError:
+        return DatasetError(f"{path}: not a readable npz with an 'images' array ({type(e).__name__}: {e})")
+
+    def blocks() -> Iterator[np.ndarray]:
+        try:
+            with zipfile.ZipFile(path) as z, z.open("images.npy") as f:
+                version = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_2_0 if version == (2, 0) else None
+                shape, fortran, dtype = (read_header or np.lib.format.read_array_header_1_0)(f)
+                if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or fortran:
+                    raise DatasetError(f"{path}: images is {dtype} {shape}, expected uint8 N x H x W x 3")
+                if shape[0] != n:
+                    raise DatasetError(f"{path}: {shape[0]} images but {n} labels")
+                row = shape[1] * shape[2] * 3
+                per = rows_per_block((3, max(size, shape[1]), max(size, shape[2])))
+                for lo in range(0, n, per):
+                    k = min(per, n - lo)
+                    data = f.read(k * row)
+                    if len(data) != k * row:
+                        raise EOFError(f"the array ends after {lo * row + len(data):,} of {n * row:,} bytes")
+                    hwc = np.frombuffer(data, dtype=np.uint8).reshape(k, shape[1], shape[2], 3)
+                    if order == "bgr":
+                        hwc = hwc[..., ::-1]
+                    yield resize_array(np.ascontiguousarray(hwc.transpose(0, 3, 1, 2)), (size, size))
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+            raise not_readable(e) from e
+
+    return ChunkedArray((n, 3, size, size), blocks)
 
 
 def TieredImageNet(
@@ -198,16 +213,16 @@ def TieredImageNet(
     key = cache_key(_VERSION, image_size, file_stamp([source]), npz_order if source == npz else "png")
     n = len(specific)
 
-    def build() -> np.ndarray:
+    def build() -> ChunkedArray:
         if source == png:
             return _decode_png_pickle(png, n, image_size)
         return _read_npz(npz, n, image_size, npz_order)
 
     grouped = bool(np.array_equal(order, np.arange(n)))  # Ren et al.'s files are stored class by class
 
-    def load() -> np.ndarray:
+    def load() -> np.ndarray | ChunkedArray:
         full = cached_array(f"tiered-imagenet-{subset}-{image_size}", key, build)
-        return full if grouped else full[order]
+        return full if grouped else take(full, order)
 
     return FewShotDataset(
         f"tiered-imagenet/{subset}",
@@ -218,6 +233,7 @@ def TieredImageNet(
         image_size=(image_size, image_size),
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
+        cache_key=cache_key(key, file_stamp([_labels_file(folder, subset)])),  # names the memory-mapped copy
     )
 
 
