@@ -27,10 +27,17 @@ and test split at every dataset and K, and the best model cell at each dataset a
 balanced accuracy) gets its paired difference to each baseline over the draws.
 
 Backbones are pretrained with :func:`metafew.pretrain` when their checkpoint is missing,
-and cached in ``--backbone-dir`` (default ``<metafew cache>/pretrained/medical``), named by
-a hash of their recipe (the pretraining seed included), so a changed recipe never reuses a
-stale checkpoint. Results are written after every cell to ``<out>/<name>.json``; a rerun
-skips the cells already there (same settings), so an interrupted run resumes. A dataset
+and cached in ``--backbone-dir`` (default ``<metafew cache>/pretrained/medical``) as
+``<arch>-<dataset>-<recipe key>-<provenance key>.safetensors``, keyed as metafew's own suite
+backbones are (:mod:`metafew.cache_keys`, :mod:`metafew.bench.provenance`): the recipe (the
+pretraining seed included), the metafew and torch versions, the code of the modules that
+compute the weights and a fingerprint of the pretraining data. A change to any of them
+pretrains anew (the log says what changed), and the result cells computed from the old
+backbone are scored again. ``<name>.provenance.json`` beside each file records the details.
+Files cached by earlier versions (``<arch>-<dataset>-<recipe key>.safetensors``) recorded
+neither torch nor the code, so they cannot be shown to match and are not reused. Results
+are written after every cell to ``<out>/<name>.json``; a rerun skips the cells already
+there (same settings and backbones), so an interrupted run resumes. A dataset
 missing from the data root is skipped with a message saying how to download it.
 
     python benchmarks/medical.py                       # the whole suite (see --help for run time)
@@ -155,15 +162,48 @@ def pretraining_data(recipe: dict[str, Any], data_root: str | None):
     return MedMNIST(name, subset, root=data_root)
 
 
+def backbone_provenance(recipe: dict[str, Any], data_root: str | None) -> dict[str, Any]:
+    """What decides the weights of ``recipe``'s backbone, recorded as metafew records a suite's (``pretrain_provenance``).
+
+    The recipe's own key, the metafew and torch versions, the code of the modules that
+    compute the weights (pretraining loop, data loading and decoding, the backbone's and
+    the dataset's modules) and the pretraining data's fingerprint (file list and sizes, or
+    the ``.npz``'s md5): a cached backbone is reused only while all of them are the same.
+    """
+    from metafew.bench.provenance import FORMAT, pretrain_modules
+    from metafew.cache_keys import code_checksum, dataset_fingerprint, library_versions
+    from metafew.config import PretrainConfig
+
+    modules = pretrain_modules(PretrainConfig(dataset=recipe["dataset"], backbone=recipe["arch"]))
+    return {
+        "format": FORMAT,
+        "recipe_key": recipe_key(recipe),
+        "versions": library_versions(),
+        "code": code_checksum(modules),
+        "data": dataset_fingerprint(recipe["dataset"], data_root, mtimes=False),
+    }
+
+
 def ensure_backbone(
     recipe: dict[str, Any], folder: Path, device: torch.device, data_root: str | None, log: Log
 ) -> Path:
-    """The recipe's checkpoint, pretrained now if it is not cached yet."""
+    """The recipe's checkpoint: the cached one while what made it holds (:func:`backbone_provenance`), else pretrained now."""
     from metafew import pretrain
+    from metafew.bench.provenance import changes, provenance_key, read_provenance, write_provenance
 
-    path = folder / f"{recipe['arch']}-{recipe['dataset']}-{recipe_key(recipe)}.safetensors"
+    current = backbone_provenance(recipe, data_root)
+    stem = f"{recipe['arch']}-{recipe['dataset']}-{recipe_key(recipe)}"
+    path = folder / f"{stem}-{provenance_key(current)}.safetensors"
     if path.exists():
+        if read_provenance(path) is None:  # the name holds the key; the record beside it was lost
+            write_provenance(path, current)
         return path
+    earlier = sorted(folder.glob(f"{stem}-*.safetensors"), key=lambda p: p.stat().st_mtime)
+    known = [r for r in map(read_provenance, earlier) if r is not None]
+    if known:
+        log(f"cached backbone {stem} is stale ({', '.join(changes(known[-1], current)) or 'its record'} changed)")
+    elif (folder / f"{stem}.safetensors").exists():
+        log(f"not reusing {folder / f'{stem}.safetensors'}: cached before its torch version and code were recorded")
     ds = pretraining_data(recipe, data_root)
     log(
         f"pretraining {recipe['arch']} on {ds.name} ({len(ds)} images, {ds.num_classes} classes, "
@@ -175,6 +215,7 @@ def ensure_backbone(
         batch_size=int(recipe.get("batch_size", 128)), seed=int(recipe["seed"]), device=device,
         out=path, progress=sys.stderr.isatty(),
     )  # fmt: skip
+    write_provenance(path, current)
     log(f"  pretrained in {time.perf_counter() - t0:.0f} s")
     return path
 
@@ -745,7 +786,7 @@ def main(argv: list[str] | None = None) -> int:
                 for k in suite["shots"]:
                     done += 1
                     key = json.dumps(
-                        [dataset, backbone, [recipe_key(r) for r in recipes], method, options, bn, k, draws,
+                        [dataset, backbone, [p.stem for p in paths], method, options, bn, k, draws,
                          draw_seed, args.bootstrap]
                     )  # fmt: skip
                     if key in results["cells"]:
