@@ -130,23 +130,115 @@ def distributed_table(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + f"\n\n{meta}\n"
 
 
+def alignment_sweep_table(doc: dict[str, Any]) -> str:
+    """``benchmarks/align.py`` over several K: balanced accuracy unaligned, and each alignment's paired change."""
+    m = doc["meta"]
+    aligns = [a for a in str(m["aligns"]).split(",") if a != "none"]
+    lines = [
+        "| dataset | backbone | K | balanced accuracy, unaligned | "
+        + " | ".join(f"{a}: change" for a in aligns)
+        + " | AUC, unaligned |",
+        "|---|---|---|---|" + "---|" * len(aligns) + "---|",
+    ]
+    cells: dict[tuple[str, str, int], dict[str, dict[str, Any]]] = {}
+    for r in doc["rows"]:
+        cells.setdefault((r["dataset"], r["backbone"], r["shots"]), {})[r["align"]] = r
+    for (dataset, backbone, k), by in sorted(cells.items()):
+        none = by.get("none")
+        base = f"{none['balanced_accuracy']:.3f} ± {none['balanced_accuracy_ci95']:.3f}" if none else ""
+        changes = []
+        for a in aligns:
+            d = ((by.get(a) or {}).get("difference_vs_none") or {}).get("balanced_accuracy")
+            mark = " **" if d and abs(d["mean"]) > d["ci95"] else ""
+            changes.append(f"{mark.strip()}{d['mean']:+.3f} ± {d['ci95']:.3f}{mark.strip()}" if d else "")
+        auc = f"{none['auc']:.3f} ± {none['auc_ci95']:.3f}" if none and none.get("auc") is not None else ""
+        lines.append(f"| {dataset} | {backbone} | {k} | {base} | " + " | ".join(changes) + f" | {auc} |")
+    meta = (
+        f"{m['draws']} support draws per cell (seed {m['seed']}), each scored on the whole official test split; "
+        f"change: aligned minus unaligned on the same draws, mean ± 95% CI (bold: the interval excludes 0); "
+        f"{m['steps']} alignment steps; {m['machine']}, {m['threads']} thread, torch {m['torch']}, {m['date']}; "
+        f"command: `python {m['command']}`"
+    )
+    return "\n".join(lines) + f"\n\n{meta}\n"
+
+
+def decode_table(doc: dict[str, Any]) -> str:
+    """``benchmarks/mmap_storage.py --decode-peak``: peak memory of decoding into a map vs into memory."""
+    d = doc["decode_peak"]
+    lines = [
+        "| storage | images | decoded size | peak allocation (tracemalloc) | anonymous RSS growth | seconds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in d["rows"]:
+        lines.append(
+            f"| {r['storage']} | {r['images']:,} x {'x'.join(map(str, r['shape']))} | {r['decoded_mib']:.0f} MiB | "
+            f"{r['tracemalloc_peak_mib']:.1f} MiB | {r['rss_anon_peak_over_start_mib']:.0f} MiB | {r['seconds']:.0f} |"
+        )
+    m = doc["machine"]
+    load = ", ".join(f"{x:.1f}" for x in m.get("load_average", []))
+    meta = (
+        f"{d['dataset']} at {d['image_size']}x{d['image_size']}, {d['decode_workers']} decode worker; {m['cpu']}, "
+        f"{m['cores']} cores (load average {load}), {m['torch_threads']} torch thread, torch {m['torch']}, {m['date']}; "
+        f"command: `{doc['command']}`"
+    )
+    return "\n".join(lines) + f"\n\n{meta}\n"
+
+
+def python_matrix_table(doc: dict[str, Any]) -> str:
+    """``.ci/python-matrix``: each Python version's install from PyPI and its smoke tests."""
+    lines = ["| Python | torch | smoke tests | install | tests | date |", "|---|---|---|---|---|---|"]
+    for v in doc["versions"]:
+        lines.append(
+            f"| {v['python_full']} | {v['torch']} | {v['status']}: {v['passed']} passed, {v['failed']} failed | "
+            f"{v['install_seconds']:.0f} s | {v['seconds']:.0f} s | {v['date']} |"
+        )
+    machine = doc["versions"][0]["machine"] if doc["versions"] else ""
+    return "\n".join(lines) + f"\n\n{machine}; command: `{doc['command']}`\n"
+
+
+def pretrain_seeds_table(doc: dict[str, Any]) -> str:
+    """``benchmarks/pretrain_seeds.py``: a row's figure per pretraining seed, and over seeds."""
+    seeds = sorted({s for r in doc["rows"] for s in r["per_seed"]}, key=int)
+    lines = [
+        "| row | setting | " + " | ".join(f"seed {s}" for s in seeds) + " | over seeds (95% t) | published |",
+        "|---|---|" + "---|" * len(seeds) + "---|---|",
+    ]
+    for r in doc["rows"]:
+        per = [r["per_seed"].get(s) for s in seeds]
+        shown = [f"{x['accuracy_mean']:.2f} ± {x['accuracy_ci95']:.2f}" if x else "" for x in per]
+        o = r["over_seeds"]
+        over = f"{o['mean']:.2f}" + (f" ± {o['ci95']:.2f}" if o["ci95"] is not None else "")
+        setting = f"{r['n_way']}-way {r['k_shot']}-shot"
+        lines.append(f"| {r['name']} | {setting} | " + " | ".join(shown) + f" | {over} | {r.get('published') or ''} |")
+    return "\n".join(lines) + f"\n\n{doc['machine']}, {doc['date']}; command: `{doc['command']}`\n"
+
+
+def renderer(doc: dict[str, Any]) -> Any:
+    """The table writer for a results file, told apart by the keys its benchmark writes."""
+    if "meta" in doc and all("align" in r for r in doc["rows"]):
+        several_k = len({r.get("shots", doc["meta"].get("shots")) for r in doc["rows"]}) > 1
+        return alignment_sweep_table if several_k else alignment_table
+    if "limit_gflops" in doc:
+        return roofline_table
+    if "decode_peak" in doc:
+        return decode_table
+    if doc.get("format") == "metafew-python-matrix":
+        return python_matrix_table
+    if doc.get("benchmark") == "pretrain-seeds":
+        return pretrain_seeds_table
+    if isinstance(doc.get("table"), str):
+        return mmap_table
+    if str(doc.get("benchmark", "")).startswith("distributed"):
+        return distributed_table
+    return table
+
+
 def render(text: str, base: Path) -> str:
     """``text`` with every marked table regenerated from its JSON file (paths relative to ``base``)."""
 
     def fill(m: re.Match[str]) -> str:
         doc = json.loads((base / m["file"]).read_text())
-        kind = (
-            alignment_table
-            if "meta" in doc
-            else roofline_table
-            if "limit_gflops" in doc
-            else mmap_table
-            if isinstance(doc.get("table"), str)
-            else distributed_table
-            if str(doc.get("benchmark", "")).startswith("distributed")
-            else table
-        )
-        return m.group(1) + kind(doc) + m.group(4)
+        return m.group(1) + renderer(doc)(doc) + m.group(4)
 
     return MARK.sub(fill, text)
 

@@ -145,6 +145,10 @@ class RunConfig:
     val_every: int = field(default=500, metadata=_opt("validate every N steps"))
     log_every: int = field(default=100, metadata=_opt("log every N steps"))
     checkpoint_every: int = field(default=1000, metadata=_opt("save last.safetensors every N steps"))
+    tensorboard: bool | str | None = field(
+        default=None,
+        metadata=_opt("also log to TensorBoard: true (<run folder>/tensorboard) or a folder", cli=False),
+    )
     eval_episodes: int = field(default=600, metadata=_opt("fixed test episodes"))
     eval_batch_size: int = field(default=16, metadata=_opt("episodes per evaluation batch"))
     # -- precision, seed, name -------------------------------------------------------
@@ -211,6 +215,7 @@ class RunConfig:
         number("grad_clip", 0.0, optional=True, strict=True)
         if not isinstance(self.skip_bad, bool):
             raise ConfigError(f"{where}: skip_bad must be true or false, got {self.skip_bad!r}")
+        _check_tensorboard(self.tensorboard, where)
         if self.test not in ("episodes", "lake"):
             raise ConfigError(f"{where}: test must be 'episodes' or 'lake', got {self.test!r}")
         if self.schedule not in _SCHEDULES:
@@ -285,6 +290,7 @@ class RunConfig:
             "eval_batch_size",
             "log_every",
             "checkpoint_every",
+            "tensorboard",
             "in_channels",
             "image_size",
         }
@@ -357,6 +363,14 @@ class PretrainConfig:
     )
     amp: str | None = field(default=None, metadata=_opt("mixed precision", cli=False))
     seed: int = field(default=0, metadata=_opt("seed", cli=False))
+    checkpoint_every: int | None = field(
+        default=None,
+        metadata=_opt("also save the resumable checkpoint every N steps (default: at the end of each epoch only)"),
+    )
+    tensorboard: bool | str | None = field(
+        default=None,
+        metadata=_opt("also log to TensorBoard: true (<out>.tensorboard/) or a folder", cli=False),
+    )
 
     def __post_init__(self) -> None:
         where = "pretrain"
@@ -378,6 +392,10 @@ class PretrainConfig:
             raise ConfigError(f"{where}: keep = 'best' needs a val_subset to choose the best epoch")
         if self.amp not in _AMP:
             raise ConfigError(f"{where}: amp must be 'bf16', 'fp16' or none, got {self.amp!r}")
+        v = self.checkpoint_every
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ConfigError(f"{where}: checkpoint_every must be a positive integer, got {v!r}")
+        _check_tensorboard(self.tensorboard, where)
         if self.augment is not None and (not isinstance(self.augment, dict) or self.augment.get("name") != "flipcrop"):
             raise ConfigError(
                 f"{where}: augment must be {{name = 'flipcrop', padding = N, flip = BOOL}} or absent, got {self.augment!r}"
@@ -396,9 +414,21 @@ class PretrainConfig:
         from . import __version__
 
         d = {**self.to_dict(), "metafew": __version__, "torch": torch.__version__.split("+")[0]}
+        for name in _NOT_RECIPE:  # where the run writes its checkpoints and logs: not what it computes
+            d.pop(name)
         if not d["dataset_options"]:
             d.pop("dataset_options")
         return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+#: PretrainConfig fields about where a run writes, left out of its key (the key of a recipe
+#: written before they existed stays the same).
+_NOT_RECIPE = ("checkpoint_every", "tensorboard")
+
+
+def _check_tensorboard(value: Any, where: str) -> None:
+    if not (value is None or isinstance(value, bool) or (isinstance(value, str) and value)):
+        raise ConfigError(f"{where}: tensorboard must be true, false or a folder, got {value!r}")
 
 
 def run_pretrain(
@@ -410,28 +440,36 @@ def run_pretrain(
     progress: bool = True,
     log: Any = None,
     overwrite: bool = False,
+    download: bool = False,
+    resume: bool = False,
 ) -> Path:
     """Pretrain the recipe's backbone and save it at ``out`` (with the recipe in its record); returns the file.
 
-    ``out`` and its ``.log.jsonl`` are checked before any data is read: an existing
-    metafew backbone is replaced only with ``overwrite=True``, anything else never.
+    ``out``, its ``.log.jsonl`` and its resumable checkpoint ``.resume.safetensors`` are
+    checked before any data is read (:func:`metafew.engine.pretrain.check_outputs`): an
+    existing metafew backbone is replaced only with ``overwrite=True``, an interrupted run
+    is continued only with ``resume=True`` (bit-identically), anything else is never touched.
+    ``download=True`` fetches a missing dataset from its official source first, as
+    ``metafew pretrain`` does unless ``--no-download`` (:func:`metafew.data.download.load_on_first_use`).
     """
     from .checkpoint import checkpoint_path
-    from .data import FlipCrop, load_dataset
-    from .engine.pretrain import pretrain
-    from .outputs import guard_output
+    from .data import FlipCrop
+    from .data.download import load_on_first_use
+    from .engine.pretrain import check_outputs, pretrain
+    from .engine.tensorboard import require_tensorboard
 
-    if Path(out).expanduser().is_dir():  # before a suffix is added: a folder is never a backbone file
-        guard_output(out, "backbone", overwrite=overwrite)
     path = checkpoint_path(out)
-    out_exists = path.exists()
-    guard_output(path, "backbone", overwrite=overwrite)
     log_file = path.with_suffix(".log.jsonl")
-    if log is None:
-        guard_output(log_file, "pretrain-log", overwrite=overwrite or not out_exists)
-    dataset = load_dataset(recipe.dataset, recipe.subset, root=data_root, **recipe.dataset_options)
+    check_outputs(out, log if log is not None else log_file, overwrite=overwrite, resume=resume)
+    if recipe.tensorboard:
+        require_tensorboard()
+    dataset = load_on_first_use(
+        recipe.dataset, recipe.subset, root=data_root, download=download, **recipe.dataset_options
+    )
     val = (
-        load_dataset(recipe.dataset, recipe.val_subset, root=data_root, **recipe.dataset_options)
+        load_on_first_use(
+            recipe.dataset, recipe.val_subset, root=data_root, download=download, **recipe.dataset_options
+        )
         if recipe.val_subset
         else None
     )
@@ -458,6 +496,9 @@ def run_pretrain(
         backbone_options=recipe.backbone_options or None,
         keep=recipe.keep,
         overwrite=overwrite,
+        resume=resume,
+        checkpoint_every=recipe.checkpoint_every,
+        tensorboard=recipe.tensorboard,
     )
     return path
 
@@ -526,11 +567,17 @@ def train_run(
     resume: bool = True,
     overwrite: bool = False,
     allow_changes: bool = False,
+    download: bool = False,
 ) -> tuple[Learner, Any]:
     """Meta-train ``config``'s learner (resuming in ``out_dir``) and load its best weights.
 
     ``out_dir`` is checked before any data is read (:func:`metafew.outputs.guard_run_dir`);
     ``overwrite`` replaces a run there, ``allow_changes`` resumes it with other settings.
+    ``download=True`` fetches a missing dataset from its official source into the data
+    root first (md5-checked, resumable, one line saying what, from where, how big and
+    where to), as ``metafew train`` does unless ``--no-download``; without it (the default,
+    as torchvision's ``download=False``) a missing dataset is a "not found" error naming
+    where it looked. ``$METAFEW_OFFLINE`` refuses either way.
 
     Returns ``(learner, TrainResult)``; the result is None when ``config.steps == 0``.
     Every checkpoint records ``config`` (with the pretrained backbone's weights inside
@@ -546,17 +593,21 @@ def train_run(
     >>> loaded.learner, loaded.steps, record["step"]
     ('protonet', 3, 3)
     """
-    from .data import EpisodeSampler, load_dataset
+    from .data import EpisodeSampler
+    from .data.download import load_on_first_use
     from .device import resolve_device
+    from .engine.tensorboard import require_tensorboard
     from .engine.train import load_weights, train
 
+    if config.tensorboard and config.steps > 0:
+        require_tensorboard()  # before any work
     if out_dir is not None and config.steps > 0:
         from .outputs import guard_run_dir
 
         guard_run_dir(out_dir, resume=resume, overwrite=overwrite)  # before any work
     dev = resolve_device(device)
     options = config.dataset_options()
-    train_ds = load_dataset(config.dataset, config.train_subset, root=data_root, **options)
+    train_ds = load_on_first_use(config.dataset, config.train_subset, root=data_root, download=download, **options)
     learner = build(config, device=dev, data_root=data_root)
     if config.steps == 0:
         return learner, None
@@ -564,7 +615,7 @@ def train_run(
     sampler = EpisodeSampler(train_ds, way, shot, query, seed=config.seed, device=dev, too_few=config.too_few)
     val = None
     if config.val_subset and config.val_episodes > 0:
-        val_ds = load_dataset(config.dataset, config.val_subset, root=data_root, **options)
+        val_ds = load_on_first_use(config.dataset, config.val_subset, root=data_root, download=download, **options)
         val = EpisodeSampler(
             val_ds, config.n_way, config.k_shot, config.n_query, seed=config.seed, device=dev, too_few=config.too_few
         ).fixed(config.val_episodes)
@@ -598,6 +649,7 @@ def train_run(
         config=recorded,
         overwrite=overwrite,
         allow_changes=allow_changes,
+        tensorboard=config.tensorboard,
     )
     if result.checkpoint is not None and result.checkpoint.name == "best.safetensors":
         load_weights(learner, result.checkpoint, dev)
@@ -605,14 +657,27 @@ def train_run(
 
 
 def test_episodes(
-    config: RunConfig, *, data_root: str | Path | None = None, device: str | torch.device = "auto"
+    config: RunConfig,
+    *,
+    data_root: str | Path | None = None,
+    device: str | torch.device = "auto",
+    download: bool = False,
 ) -> Any:
-    """The fixed test episodes of ``config``: ``eval_episodes`` drawn with ``seed``, or Lake's 20 runs."""
-    from .data import EpisodeSampler, lake_runs, load_dataset
+    """The fixed test episodes of ``config``: ``eval_episodes`` drawn with ``seed``, or Lake's 20 runs.
+
+    ``download=True`` fetches a missing dataset (or Lake's runs) from its official source
+    first, as ``metafew eval`` does unless ``--no-download``; see :func:`train_run`.
+    """
+    from .data import EpisodeSampler, lake_runs
+    from .data.download import fetch_on_first_use, load_on_first_use
 
     if config.test == "lake":
-        return lake_runs(data_root)
-    test_ds = load_dataset(config.dataset, config.test_subset, root=data_root, **config.dataset_options())
+        return fetch_on_first_use(
+            "Lake's one-shot runs", lambda dl: lake_runs(data_root, download=dl), download=download, root=data_root
+        )
+    test_ds = load_on_first_use(
+        config.dataset, config.test_subset, root=data_root, download=download, **config.dataset_options()
+    )
     return EpisodeSampler(
         test_ds, config.n_way, config.k_shot, config.n_query, seed=config.seed, device=device, too_few=config.too_few
     ).fixed(config.eval_episodes)
