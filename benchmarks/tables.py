@@ -105,13 +105,16 @@ def roofline_table(doc: dict[str, Any]) -> str:
 
 def mmap_table(doc: dict[str, Any]) -> str:
     """The table of ``benchmarks/mmap_storage.py`` (in-memory vs memory-mapped storage), as it wrote it."""
-    m = doc["machine"]
+    return doc["table"].rstrip("\n") + f"\n\n{_machine(doc['machine'])}; command: `{doc['command']}`\n"
+
+
+def _machine(m: dict[str, Any]) -> str:
+    """The machine line ``benchmarks/mmap_storage.py`` records: CPU, cores, load, threads, torch, date."""
     load = ", ".join(f"{x:.1f}" for x in m.get("load_average", []))
-    meta = (
+    return (
         f"{m['cpu']}, {m['cores']} cores (load average {load}), {m['torch_threads']} torch thread, torch {m['torch']}, "
-        f"{m['date']}; command: `{doc['command']}`"
+        f"{m['date']}"
     )
-    return doc["table"].rstrip("\n") + f"\n\n{meta}\n"
 
 
 def distributed_table(doc: dict[str, Any]) -> str:
@@ -174,12 +177,9 @@ def decode_table(doc: dict[str, Any]) -> str:
             f"| {r['storage']} | {r['images']:,} x {'x'.join(map(str, r['shape']))} | {r['decoded_mib']:.0f} MiB | "
             f"{r['tracemalloc_peak_mib']:.1f} MiB | {r['rss_anon_peak_over_start_mib']:.0f} MiB | {r['seconds']:.0f} |"
         )
-    m = doc["machine"]
-    load = ", ".join(f"{x:.1f}" for x in m.get("load_average", []))
     meta = (
-        f"{d['dataset']} at {d['image_size']}x{d['image_size']}, {d['decode_workers']} decode worker; {m['cpu']}, "
-        f"{m['cores']} cores (load average {load}), {m['torch_threads']} torch thread, torch {m['torch']}, {m['date']}; "
-        f"command: `{doc['command']}`"
+        f"{d['dataset']} at {d['image_size']}x{d['image_size']}, {d['decode_workers']} decode worker; "
+        f"{_machine(doc['machine'])}; command: `{doc['command']}`"
     )
     return "\n".join(lines) + f"\n\n{meta}\n"
 
