@@ -24,3 +24,55 @@ def test_every_table_mark_names_a_committed_json():
     assert files, "RESULTS.md has no generated table"
     for f in files:
         assert (REPO / "benchmarks" / f).is_file(), f
+
+
+def _bench_module(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_seed_copy_of_a_suite_changes_only_the_pretraining_seed():
+    import tomllib
+
+    seeds = _bench_module("pretrain_seeds")
+    text = (REPO / "benchmarks" / "suites" / "omniglot-pretrained.toml").read_text()
+    original, copy = tomllib.loads(text), tomllib.loads(seeds.with_pretrain_seed(text, 2))
+    assert copy["pretrain"] == {**original["pretrain"], "seed": 2}
+    assert copy["rows"] == original["rows"] and copy["defaults"] == original["defaults"]
+    assert copy["name"] == "omniglot-pretrained-pretrain-seed2"
+
+
+def test_the_interval_over_seeds_is_student_t():
+    seeds = _bench_module("pretrain_seeds")
+    got = seeds.summary([97.0, 98.0, 99.0])  # mean 98, sd 1, t(0.975, 2) = 4.303
+    assert got["mean"] == 98.0 and abs(got["ci95"] - 4.303 / 3**0.5) < 1e-9
+    assert seeds.summary([97.5]) == {"mean": 97.5, "ci95": None}
+
+
+def test_the_alignment_sweep_table_bolds_only_changes_whose_interval_excludes_zero():
+    tables = _bench_module("tables")
+    row = {
+        "dataset": "breastmnist",
+        "backbone": "b",
+        "shots": 1,
+        "balanced_accuracy": 0.6,
+        "balanced_accuracy_ci95": 0.01,
+    }
+    doc = {
+        "meta": {"aligns": "none,mmd,dann", "draws": 100, "seed": 0, "steps": 200, "machine": "m", "threads": 1,
+                 "torch": "t", "date": "d", "command": "align.py"},
+        "rows": [
+            {**row, "align": "none", "auc": 0.7, "auc_ci95": 0.01},
+            {**row, "align": "mmd", "difference_vs_none": {"balanced_accuracy": {"mean": 0.02, "ci95": 0.01}}},
+            {**row, "align": "dann", "difference_vs_none": {"balanced_accuracy": {"mean": -0.005, "ci95": 0.01}}},
+            {**row, "shots": 5, "align": "none", "auc": 0.8, "auc_ci95": 0.01},
+        ],
+    }  # fmt: skip
+    assert tables.renderer(doc) is tables.alignment_sweep_table
+    text = tables.alignment_sweep_table(doc)
+    assert "| breastmnist | b | 1 | 0.600 ± 0.010 | **+0.020 ± 0.010** | -0.005 ± 0.010 | 0.700 ± 0.010 |" in text
