@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from bench_scripts import load_benchmark
 
 from metafew.data.medmnist import find_medmnist
 
@@ -22,12 +21,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def load_runner():
-    spec = importlib.util.spec_from_file_location("medical_bench", ROOT / "benchmarks" / "medical.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["medical_bench"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("medical", "medical_bench")
 
 
 TOY_SUITE = """

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from bench_scripts import load_benchmark
 
 from metafew.cache_keys import dataset_fingerprint, library_versions
 from metafew.data.medmnist import find_medmnist
@@ -30,12 +29,7 @@ RECIPE = {
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("medical_bench_cache", ROOT / "benchmarks" / "medical.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["medical_bench_cache"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("medical", "medical_bench_cache")
 
 
 @pytest.fixture

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench_scripts import load_benchmark
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -26,20 +28,10 @@ def test_every_table_mark_names_a_committed_json():
         assert (REPO / "benchmarks" / f).is_file(), f
 
 
-def _bench_module(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_a_seed_copy_of_a_suite_changes_only_the_pretraining_seed():
     import tomllib
 
-    seeds = _bench_module("pretrain_seeds")
+    seeds = load_benchmark("pretrain_seeds")
     text = (REPO / "benchmarks" / "suites" / "omniglot-pretrained.toml").read_text()
     original, copy = tomllib.loads(text), tomllib.loads(seeds.with_pretrain_seed(text, 2))
     assert copy["pretrain"] == {**original["pretrain"], "seed": 2}
@@ -48,14 +40,14 @@ def test_a_seed_copy_of_a_suite_changes_only_the_pretraining_seed():
 
 
 def test_the_interval_over_seeds_is_student_t():
-    seeds = _bench_module("pretrain_seeds")
+    seeds = load_benchmark("pretrain_seeds")
     got = seeds.summary([97.0, 98.0, 99.0])  # mean 98, sd 1, t(0.975, 2) = 4.303
     assert got["mean"] == 98.0 and abs(got["ci95"] - 4.303 / 3**0.5) < 1e-9
     assert seeds.summary([97.5]) == {"mean": 97.5, "ci95": None}
 
 
 def test_the_alignment_sweep_table_bolds_only_changes_whose_interval_excludes_zero():
-    tables = _bench_module("tables")
+    tables = load_benchmark("tables")
     row = {
         "dataset": "breastmnist",
         "backbone": "b",
