@@ -76,7 +76,7 @@ def test_resume_after_ctrl_c_continues_bit_identically(tmp_path, omniglot_train,
         val_every=3,
         resume=True,
     )
-    losses = lambda r: [(h["step"], h["loss"], h["acc"], h["lr"], h.get("val_acc")) for h in r.history]  # noqa: E731
+    losses = lambda r: [(h["step"], h.get("loss"), h.get("acc"), h.get("lr"), h.get("val_acc")) for h in r.history]  # noqa: E731
     assert losses(resumed) == losses(whole)  # exact float equality, step by step
     assert resumed.best_val_acc == whole.best_val_acc and resumed.best_step == whole.best_step
     a, _ = load_state(tmp_path / "a" / "last.safetensors")
@@ -86,8 +86,9 @@ def test_resume_after_ctrl_c_continues_bit_identically(tmp_path, omniglot_train,
     assert torch.equal(a["sampler"]["generator"], b["sampler"]["generator"])
 
     rows = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, 8))  # no duplicated rows after the resume
-    assert {"step", "loss", "acc", "lr", "seconds"} <= set(rows[0]) and "val_acc" in rows[2]
+    assert [r["step"] for r in rows] == list(range(0, 8))  # the start's validation, no duplicated rows
+    assert set(rows[0]) == {"step", "val_acc", "val_acc_ci95"}  # the starting weights, validated
+    assert {"step", "loss", "acc", "lr", "seconds"} <= set(rows[1]) and "val_acc" in rows[3]
     assert (tmp_path / "b" / "best.safetensors").is_file()
     assert resumed.checkpoint == tmp_path / "b" / "best.safetensors"
     curve = tmp_path / "b" / "learning_curve.png"  # drawn at the end of the run, from the whole log
@@ -105,6 +106,25 @@ def test_resume_of_a_finished_run_does_nothing(tmp_path, omniglot_train):
     again = run(tmp_path, EpisodeSampler(omniglot_train, 5, 1, 2, seed=0, device="cpu"), 2, resume=True)
     assert again.steps == 2 and again.history == first.history
     assert again.checkpoint == tmp_path / "last.safetensors"
+
+
+def test_a_run_that_never_beats_its_start_keeps_the_start(tmp_path, omniglot_train, omniglot_val):
+    """Meta-training from a pretrained backbone can only lose: best.safetensors then holds the start."""
+    learner = create_learner("protonet", create_backbone("conv4", weights="omniglot"))
+    start = {k: v.clone() for k, v in learner.state_dict().items()}
+    val = EpisodeSampler(omniglot_val, 20, 1, 5, seed=3, device="cpu").fixed(8)
+    sampler = EpisodeSampler(omniglot_train, 20, 1, 5, seed=1, device="cpu")  # 5-way: loss 0, nothing moves
+    wrecking = {"name": "adam", "lr": 0.5}  # Adam steps of 0.5 per weight ruin the pretrained features
+    result = train(learner, sampler, steps=2, optimizer=wrecking, val_episodes=val, val_every=1, out_dir=tmp_path,
+                   progress=False)  # fmt: skip
+    assert result.best_step == 0 and result.history[0]["step"] == 0
+    assert result.history[0]["val_acc"] > max(r["val_acc"] for r in result.history[1:])
+    best, record = load_state(tmp_path / "best.safetensors")
+    assert record["step"] == 0 and all(torch.equal(best[k], v) for k, v in start.items())
+
+    unchecked = train(create_learner("protonet", create_backbone("conv4", weights="omniglot")), sampler, steps=2,
+                      optimizer=wrecking, val_episodes=val, val_every=1, validate_start=False, progress=False)  # fmt: skip
+    assert unchecked.best_step == 1 and unchecked.history[0]["step"] == 1
 
 
 def test_lr_schedules():

@@ -52,7 +52,7 @@ def test_train_tensorboard_holds_the_values_of_log_jsonl(capsys, tmp_path: Path)
     assert got["train/loss"] == column(rows, "loss") and [s for s, _ in got["train/loss"]] == [1, 2, 3, 4]
     assert got["train/accuracy"] == column(rows, "acc")
     assert got["train/lr"] == column(rows, "lr")
-    assert got["val/accuracy"] == column(rows, "val_acc") and [s for s, _ in got["val/accuracy"]] == [2, 4]
+    assert got["val/accuracy"] == column(rows, "val_acc") and [s for s, _ in got["val/accuracy"]] == [0, 2, 4]
     assert got["val/accuracy_ci95"] == column(rows, "val_acc_ci95")
     low = [(r["step"], float(np.float32(r["val_acc"] - r["val_acc_ci95"]))) for r in rows if "val_acc" in r]
     assert got["val/accuracy_low"] == low

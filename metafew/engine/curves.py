@@ -21,8 +21,9 @@ def plot_learning_curve(history: Sequence[dict[str, Any]] | str | Path, path: st
     ``history``: the rows :func:`metafew.train` logs (or the path of its ``log.jsonl``).
     The PNG is written atomically, so a reader never sees half a file.
     """
-    rows = read_log(history) if isinstance(history, (str, Path)) else list(history)
-    rows = [r for r in rows if "loss" in r]  # event rows (a resume with changed settings) are not plotted
+    every = read_log(history) if isinstance(history, (str, Path)) else list(history)
+    rows = [r for r in every if "loss" in r]  # training rows; event rows (a changed resume) are not plotted
+    val = [(r["step"], 100 * r["val_acc"]) for r in every if r.get("val_acc") is not None]  # with the start's
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -34,7 +35,6 @@ def plot_learning_curve(history: Sequence[dict[str, Any]] | str | Path, path: st
         ax_loss.plot(steps, [r["loss"] for r in rows], color="C0")
         ax_loss.set(xlabel="step", ylabel="training loss", title="loss")
         ax_acc.plot(steps, [100 * r["acc"] for r in rows], color="C0", label="training episodes")
-        val = [(r["step"], 100 * r["val_acc"]) for r in rows if r.get("val_acc") is not None]
         if val:
             ax_acc.plot(*zip(*val), "o-", color="C3", label="validation episodes")
         ax_acc.set(xlabel="step", ylabel="accuracy (%)", title="accuracy")

@@ -142,7 +142,7 @@ class TensorBoardLog:
     def write(self, row: dict[str, Any]) -> None:
         """Every finite numeric value of ``row`` as a scalar at ``row[step_key]`` (event rows are skipped)."""
         step = row.get(self.step_key)
-        if not isinstance(step, int) or "loss" not in row:
+        if not isinstance(step, int) or not ("loss" in row or "val_acc" in row):
             return
         with writing(self.folder):
             for key, value in row.items():

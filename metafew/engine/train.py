@@ -3,7 +3,7 @@
 :func:`train` is one readable loop (sample a meta-batch, ``learner.meta_loss``,
 backward, step) plus what a long run needs:
 
-* validation on a fixed :class:`~metafew.data.EpisodeSet` every ``val_every`` steps,
+* validation on a fixed :class:`~metafew.data.EpisodeSet` at the start and every ``val_every`` steps,
   keeping the best weights in ``best.safetensors``;
 * an atomic ``last.safetensors`` every ``checkpoint_every`` steps, at the end and on
   Ctrl-C, holding learner weights, optimizer, GradScaler, sampler RNG, torch/Python/NumPy
@@ -233,6 +233,7 @@ def train(
     overwrite: bool = False,
     allow_changes: bool = False,
     tensorboard: bool | str | Path | None = None,
+    validate_start: bool = True,
 ) -> TrainResult:
     """Meta-train ``learner`` on ``steps`` meta-batches of ``meta_batch_size`` episodes from ``sampler``.
 
@@ -253,6 +254,8 @@ def train(
     :class:`~metafew.errors.TrainingDiverged`, naming the step; non-finite weights are never saved.
     ``tensorboard``: also write the log rows as TensorBoard scalars (:mod:`metafew.engine.tensorboard`),
     into ``out_dir/tensorboard`` (``True``) or a folder of your choice.
+    ``validate_start``: with ``val_episodes``, the starting weights are validated too (a ``step``
+    0 row), so a run that never beats its start (a pretrained backbone) keeps the start as its best.
 
     >>> import metafew
     >>> sampler = metafew.EpisodeSampler(metafew.load_dataset("omniglot", "train"), 5, 1, 5, seed=0, device="cpu")
@@ -317,6 +320,7 @@ def _train(
     overwrite: bool,
     allow_changes: bool,
     tensorboard: bool | str | Path | None,
+    validate_start: bool,
 ) -> TrainResult:
     device = sampler.device
     learner.to(device)
@@ -411,6 +415,26 @@ def _train(
             plot_learning_curve(run["history"], out / CURVE, title=str((config or {}).get("name", "")))
             plotted_at = time.perf_counter()
 
+    def validate(row: dict[str, Any]) -> None:
+        """Score the fixed validation episodes into ``row``; a new best is kept in best.safetensors."""
+        assert val_episodes is not None
+        if multi:
+            distributed.broadcast_module(learner, buffers_only=True)
+        result = evaluate(learner, val_episodes, batch_size=val_batch_size, auc=False, progress=False)
+        row["val_acc"], row["val_acc_ci95"] = result.accuracy_mean, result.accuracy_ci95
+        if run["best_val_acc"] is None or row["val_acc"] > run["best_val_acc"]:
+            run["best_val_acc"], run["best_step"] = row["val_acc"], row["step"]
+            if out is not None and main:
+                save_state(learner, out / BEST, {**record, "step": row["step"], "val_acc": row["val_acc"]})
+
+    def log_row(row: dict[str, Any]) -> None:
+        run["history"].append(row)
+        if out is not None and main:
+            with writing(out / LOG), open(out / LOG, "a", encoding="utf-8") as f:
+                f.write(_json_line(row))
+        if tb is not None:
+            tb.write(row)
+
     learner.train()
     batch = None
     start = time.perf_counter() - run["seconds"]
@@ -423,6 +447,11 @@ def _train(
     ):
         if tb is not None:
             tb.resume_from(run["history"])
+        if validate_start and val_episodes is not None and run["step"] == 0 and steps > 0:
+            row0: dict[str, Any] = {"step": 0}
+            validate(row0)  # the start: kept if meta-training never beats it
+            log_row(row0)
+            bar.set_postfix({"val_acc": f"{row0['val_acc']:.4g}"})
         while run["step"] < steps:
             # -- one meta-step -----------------------------------------------------
             factor = lr_at(run["step"])
@@ -463,8 +492,8 @@ def _train(
 
             # -- logging, validation, checkpoints (the only host syncs) -----------
             last = step == steps
-            validate = val_episodes is not None and (step % val_every == 0 or last)
-            if step % log_every == 0 or validate or last:
+            validating = val_episodes is not None and (step % val_every == 0 or last)
+            if step % log_every == 0 or validating or last:
                 if multi:  # the same totals on every rank
                     distributed.all_reduce_(sums, "summing the logged losses")
                     loss_sum, acc_sum, n = sums.tolist()
@@ -483,21 +512,9 @@ def _train(
                     "seconds": round(time.perf_counter() - start, 3),
                 }
                 sums.zero_()
-                if validate and val_episodes is not None:  # (validate implies it)
-                    if multi:
-                        distributed.broadcast_module(learner, buffers_only=True)
-                    result = evaluate(learner, val_episodes, batch_size=val_batch_size, auc=False, progress=False)
-                    row["val_acc"], row["val_acc_ci95"] = result.accuracy_mean, result.accuracy_ci95
-                    if run["best_val_acc"] is None or row["val_acc"] > run["best_val_acc"]:
-                        run["best_val_acc"], run["best_step"] = row["val_acc"], step
-                        if out is not None and main:
-                            save_state(learner, out / BEST, {**record, "step": step, "val_acc": row["val_acc"]})
-                run["history"].append(row)
-                if out is not None and main:
-                    with writing(out / LOG), open(out / LOG, "a", encoding="utf-8") as f:
-                        f.write(_json_line(row))
-                if tb is not None:
-                    tb.write(row)
+                if validating:
+                    validate(row)
+                log_row(row)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "acc", "val_acc")})
             run["seconds"] = time.perf_counter() - start
             stop = stopped_before if multi else interrupted()  # the same answer on every rank
