@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +10,6 @@ import torch
 from bench_scripts import load_benchmark
 
 from metafew.data.medmnist import find_medmnist
-
-ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(
     find_medmnist("pneumoniamnist") is None or find_medmnist("breastmnist") is None,

@@ -12,8 +12,6 @@ from bench_scripts import load_benchmark
 from metafew.cache_keys import dataset_fingerprint, library_versions
 from metafew.data.medmnist import find_medmnist
 
-ROOT = Path(__file__).resolve().parents[1]
-
 pytestmark = pytest.mark.skipif(find_medmnist("breastmnist") is None, reason="BreastMNIST not in the data root")
 
 RECIPE = {
