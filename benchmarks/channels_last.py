@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     if args.out:
-        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        args.out.write_text(json.dumps({"benchmark": "channels-last", "meta": meta, "rows": rows}, indent=1) + "\n")
     return 0
 
 

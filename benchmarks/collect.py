@@ -34,6 +34,11 @@ def main() -> None:
         default=[],
         help="backbone files whose tensors equal the suite's [pretrain] backbone (checked), so rows trained from them count",
     )
+    p.add_argument(
+        "--keep",
+        type=Path,
+        help="an earlier results file: its rows whose run folders are gone are kept (by name) unless found again",
+    )
     args = p.parse_args()
     suite = load_suite(args.suite)
     caches = sorted((c for runs in args.runs for c in runs.glob("*/result.json")), key=lambda c: c.stat().st_mtime)
@@ -51,12 +56,15 @@ def main() -> None:
             spec["backbone_checkpoint"] = None
         return spec
 
+    kept = {r["name"]: r for r in json.loads(args.keep.read_text())["rows"]} if args.keep else {}
     for bench in suite.rows:
         # The newest cached result of this row's exact settings; a row renamed since it ran
         # (same settings, other name) is still found, and reported under its current name.
         found = [d["row"] for d in docs if same_row(spec_of(d), bench.to_dict())]
         if found:
             rows.append(report_keys(found[-1], bench))
+        elif bench.name in kept:
+            rows.append(kept[bench.name])
         else:
             missing.append(bench.name)
     write_outputs(suite, rows, args.out)

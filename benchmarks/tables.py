@@ -133,6 +133,18 @@ def distributed_table(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + f"\n\n{meta}\n"
 
 
+def channels_last_table(doc: dict[str, Any]) -> str:
+    """The table of ``benchmarks/channels_last.py``: Conv-4 in NCHW and channels-last, one thread."""
+    lines = ["| images | precision | what | NCHW | channels-last | speed-up |", "|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        lines.append(
+            f"| {r['images']} | {r['precision']} | {r['mode']} | {r['nchw_ms']:.1f} ms | "
+            f"{r['channels-last_ms']:.1f} ms | {r['speedup']:.2f}x |"
+        )
+    m = doc["meta"]
+    return "\n".join(lines) + f"\n\n{m['machine']}, torch {m['torch']}, {m['date']}; command: `{m['command']}`\n"
+
+
 def alignment_sweep_table(doc: dict[str, Any]) -> str:
     """``benchmarks/align.py`` over several K: balanced accuracy unaligned, and each alignment's paired change."""
     m = doc["meta"]
@@ -228,6 +240,8 @@ def renderer(doc: dict[str, Any]) -> Any:
         return pretrain_seeds_table
     if isinstance(doc.get("table"), str):
         return mmap_table
+    if doc.get("benchmark") == "channels-last":
+        return channels_last_table
     if str(doc.get("benchmark", "")).startswith("distributed"):
         return distributed_table
     return table
