@@ -78,7 +78,8 @@ def peer(args: argparse.Namespace) -> None:
 
     def record_maml(self: Any, *a: Any, **k: Any) -> None:
         maml_init(self, *a, **k)
-        made["maml"].append(self)
+        if not made["maml"]:  # the script's own wrapper; every maml.clone() builds another (not kept)
+            made["maml"].append(self)
 
     def record_split(self: Any, dataset: Any, labels: Any, *a: Any, **k: Any) -> None:
         filtered_init(self, dataset, labels, *a, **k)
@@ -98,7 +99,7 @@ def peer(args: argparse.Namespace) -> None:
         steps += 1
         elapsed = time.perf_counter() - start
         if elapsed >= args.every * (len(snapshots) + 1) or elapsed >= args.budget:
-            model = made["maml"][-1].module
+            model = made["maml"][0].module
             state = {name: t.detach().clone() for name, t in model.state_dict().items()}
             snapshots.append({"seconds": round(elapsed, 1), "steps": steps, "state": state})
             print(f"peer: {steps} steps, {elapsed:.0f} s", file=sys.stderr, flush=True)
