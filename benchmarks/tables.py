@@ -145,6 +145,28 @@ def channels_last_table(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + f"\n\n{m['machine']}, torch {m['torch']}, {m['date']}; command: `{m['command']}`\n"
 
 
+def equal_time_table(doc: dict[str, Any]) -> str:
+    """``benchmarks/learn2learn/equal_time.py``: accuracy against wall time, learn2learn's example and metafew."""
+    lines = ["| who | wall time | progress | accuracy (%) |", "|---|---|---|---|"]
+    for who, rows in doc["rows"].items():
+        for r in rows:
+            progress = f"{r['steps']} meta-steps" if "steps" in r else f"pretraining epoch {r['epoch']}"
+            lines.append(
+                f"| {who} | {r['seconds']:.0f} s | {progress} | {100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f} |"
+            )
+    peer, first = doc["learn2learn_at_budget"], doc["metafew_first_at_or_above"]
+    verdict = (
+        f"learn2learn reaches {100 * peer['accuracy']:.2f}% in its {doc['budget_seconds']:.0f} s; metafew is at or "
+        f"above that at its first snapshot, {first['seconds']:.0f} s: **at least {doc['speedup']}x faster**"
+        if first
+        else "metafew does not reach learn2learn's accuracy within the budget"
+    )
+    return (
+        "\n".join(lines) + f"\n\n{verdict}. Episodes: {doc['episodes']}. Peer: {doc['peer_script']}. {doc['machine']}, "
+        f"{doc['date']}; command: `{doc['command']}`\n"
+    )
+
+
 def alignment_sweep_table(doc: dict[str, Any]) -> str:
     """``benchmarks/align.py`` over several K: balanced accuracy unaligned, and each alignment's paired change."""
     m = doc["meta"]
@@ -240,6 +262,8 @@ def renderer(doc: dict[str, Any]) -> Any:
         return pretrain_seeds_table
     if isinstance(doc.get("table"), str):
         return mmap_table
+    if doc.get("benchmark") == "learn2learn-equal-time":
+        return equal_time_table
     if doc.get("benchmark") == "channels-last":
         return channels_last_table
     if str(doc.get("benchmark", "")).startswith("distributed"):

@@ -17,8 +17,10 @@ that neither side trained on: learn2learn's benchmark splits all 1,623 character
 (seed 42: 1,100 train, 100 validation, 423 test), metafew uses Vinyals et al.'s split (1,028 / 172 /
 423), so the episodes come from the characters in both test sets (all 4 rotations of each, as
 metafew's test classes). learn2learn's models adapt as its script does (1 step of 0.5 on the support),
-on images decoded as its benchmark decodes them (28x28 LANCZOS, strokes 1 on 0); learn2learn's own
-test protocol (its test taskset, 1 query per class) is reported beside it.
+on images decoded as its benchmark decodes them (28x28 LANCZOS, strokes 1 on 0). Beside it, the
+figure learn2learn's script itself prints: its meta-validation accuracy (32 tasks of its validation
+classes a step, 1 query per class), averaged over its last 50 steps (its test evaluation runs only
+after all 60,000 iterations).
 
     benchmarks/learn2learn/install.sh                     # learn2learn 0.2.0 into .venv
     git clone https://github.com/learnables/learn2learn /tmp/l2l   # its examples (not in the wheel)
@@ -214,7 +216,10 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
         row = {"seconds": snap["seconds"], "epoch": snap["epoch"]}
         rows["metafew"].append({**row, "accuracy": result.accuracy_mean, "ci95": result.accuracy_ci95})
         print("metafew", rows["metafew"][-1], flush=True)
+    printed = [float(line.split()[-1]) for line in (args.work / "peer-stdout.txt").read_text().splitlines()
+               if line.startswith("Meta Valid Accuracy")]  # fmt: skip
     peer_final = rows["learn2learn"][-1]
+    peer_final["own_validation_accuracy_last_50_steps"] = sum(printed[-50:]) / len(printed[-50:]) if printed else None
     reached = [r for r in rows["metafew"] if r["accuracy"] >= peer_final["accuracy"]]
     first = reached[0] if reached else None
     return {
