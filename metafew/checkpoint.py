@@ -328,12 +328,15 @@ def load_backbone(
     image_size: tuple[int, int] | int | None = None,
     arch: str | None = None,
     device: str | torch.device = "cpu",
+    options: Mapping[str, Any] | None = None,
 ) -> tuple[nn.Module, BackboneRecord]:
     """Rebuild a backbone saved by :func:`save_backbone` and load its weights (returned in eval mode).
 
     ``in_channels``, ``image_size`` and ``arch``, when given, must match the record:
-    a backbone is only reused on the kind of images it was trained on. Every tensor
-    name and shape is checked; errors are :class:`CheckpointError` with one line.
+    a backbone is only reused on the kind of images it was trained on. ``options``
+    override the recorded builder options (e.g. ``channels_last=False``); one that changes
+    the weights' shapes fails the tensor check. Every tensor name and shape is checked;
+    errors are :class:`CheckpointError` with one line.
     """
     from .backbones import available, create
 
@@ -354,10 +357,11 @@ def load_backbone(
             )
     if rec.arch not in available():
         raise CheckpointError(f"{p} holds an unknown architecture {rec.arch!r}; available: {', '.join(available())}")
+    built = {**rec.options, **(options or {})}
     try:
-        model = create(rec.arch, in_channels=rec.in_channels, image_size=rec.image_size, **rec.options)
+        model = create(rec.arch, in_channels=rec.in_channels, image_size=rec.image_size, **built)
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{p}: cannot rebuild {rec.arch} with options {rec.options} ({e})") from e
+        raise CheckpointError(f"{p}: cannot rebuild {rec.arch} with options {built} ({e})") from e
     check_state_dict(model, tensors, str(p))
     model.load_state_dict(tensors, strict=True)
     return model.to(device).eval(), rec

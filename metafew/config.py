@@ -523,7 +523,8 @@ def resolve(config: RunConfig, *, data_root: str | Path | None = None) -> RunCon
         rec = read_backbone_record(config.backbone_checkpoint)
         if config.backbone not in (None, rec.arch):
             raise CheckpointError(f"{config.backbone_checkpoint} holds a {rec.arch} backbone, not {config.backbone}")
-        d["backbone"], d["backbone_options"] = rec.arch, dict(rec.options)
+        # the recorded options rebuild the saved weights; the config's own ones (channels_last=False) apply on top
+        d["backbone"], d["backbone_options"] = rec.arch, {**rec.options, **config.backbone_options}
     d["backbone"] = d["backbone"] or "conv4"
     return RunConfig(**d)
 
@@ -547,7 +548,11 @@ def build(config: RunConfig, *, device: str | torch.device = "auto", data_root: 
     torch.manual_seed(full.seed)
     if full.backbone_checkpoint:
         backbone, _ = load_backbone(
-            full.backbone_checkpoint, in_channels=full.in_channels, image_size=size, arch=full.backbone
+            full.backbone_checkpoint,
+            in_channels=full.in_channels,
+            image_size=size,
+            arch=full.backbone,
+            options=full.backbone_options,
         )
         backbone.train()
     else:

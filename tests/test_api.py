@@ -328,3 +328,20 @@ def test_a_suite_rejects_a_bad_pretrain_table(tmp_path):
     bad.write_text('[pretrain]\nkeep = "best"\n[[rows]]\nlearner = "protonet"\nn_way = 5\nk_shot = 1\n')
     with pytest.raises(ConfigError, match="needs a val_subset"):
         load_suite(bad)
+
+
+def test_backbone_options_apply_on_top_of_a_backbone_checkpoint():
+    """``backbone_options`` with a pretrained checkpoint: a layout option applies, a shape change is refused."""
+    from metafew.backbones.conv4 import ChannelsLastConv2d
+
+    shipped = build(RunConfig(learner="protonet", backbone_checkpoint="omniglot-conv4"), device="cpu")
+    nchw = build(
+        RunConfig(learner="protonet", backbone_checkpoint="omniglot-conv4", backbone_options={"channels_last": False}),
+        device="cpu",
+    )
+    assert isinstance(shipped.backbone[0][0], ChannelsLastConv2d) and type(nchw.backbone[0][0]) is torch.nn.Conv2d
+    assert all(torch.equal(a, b) for a, b in zip(shipped.state_dict().values(), nchw.state_dict().values()))
+    x = torch.rand(6, 1, 28, 28)
+    torch.testing.assert_close(shipped.backbone.eval()(x), nchw.backbone.eval()(x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(CheckpointError, match="shape"):
+        build(RunConfig(learner="protonet", backbone_checkpoint="omniglot-conv4", backbone_options={"hidden": 32}))
