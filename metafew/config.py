@@ -409,6 +409,11 @@ class PretrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def training_options(self) -> dict[str, Any]:
+        """The recipe's keyword arguments of :func:`metafew.pretrain` (schedule, precision, seed, checkpoint choice)."""
+        names = ("epochs", "batch_size", "lr", "weight_decay", "label_smoothing", "amp", "seed", "keep")
+        return {name: getattr(self, name) for name in names}
+
     def key(self) -> str:
         """Short hash of the recipe and of what else decides the weights (metafew and torch versions)."""
         from . import __version__
@@ -480,21 +485,14 @@ def run_pretrain(
     pretrain(
         recipe.backbone,
         dataset,
-        epochs=recipe.epochs,
-        batch_size=recipe.batch_size,
-        lr=recipe.lr,
-        weight_decay=recipe.weight_decay,
-        label_smoothing=recipe.label_smoothing,
+        **recipe.training_options(),
         device=device,
-        amp=recipe.amp,
         val=val,
         augment=augment,
-        seed=recipe.seed,
         out=path,
         progress=progress,
         log=log if log is not None else log_file,
         backbone_options=recipe.backbone_options or None,
-        keep=recipe.keep,
         overwrite=overwrite,
         resume=resume,
         checkpoint_every=recipe.checkpoint_every,

@@ -149,18 +149,11 @@ def ours(args: argparse.Namespace) -> None:
     metafew.pretrain(
         backbone,
         train,
-        epochs=args.epochs or recipe.epochs,
-        batch_size=recipe.batch_size,
-        lr=recipe.lr,
-        weight_decay=recipe.weight_decay,
-        label_smoothing=recipe.label_smoothing,
+        **{**recipe.training_options(), "epochs": args.epochs or recipe.epochs},
         device="cpu",
-        amp=recipe.amp,
         val=val,
-        seed=recipe.seed,
         progress=False,
         log=snapshot,
-        keep=recipe.keep,
     )
     torch.save({"snapshots": snapshots, "recipe": recipe.to_dict()}, args.work / "metafew.pt")
 
