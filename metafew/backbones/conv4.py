@@ -30,8 +30,9 @@ class ChannelsLastConv2d(nn.Conv2d):
     """``nn.Conv2d`` computed in channels-last layout, whatever the layout of its weight and input.
 
     oneDNN's convolutions and PyTorch's max-pool, BatchNorm and ReLU are vectorised over channels in
-    this layout: on one CPU core a Conv-4 training step is 1.65x (float32) / 2x (bf16) faster and
-    evaluation 1.7x / 4.3x faster than in NCHW (benchmarks/RESULTS.md, "CPU speed"). The output is
+    this layout: on one CPU core a Conv-4 training step on 80 images is 1.5x (float32) / 2.4x (bf16)
+    faster and evaluation 2.3x / 3.7x faster than in NCHW (benchmarks/channels_last.py; RESULTS.md,
+    "CPU speed"). The output is
     channels-last, so the layers after it stay so. Parameters stay NCHW (state dicts, MAML's fast
     weights and checkpoints are unchanged); reordering a 3x3 weight costs nothing beside a batch
     of activations. Inside ``torch.func.vmap`` (batched tensors have no memory format) it is a
