@@ -61,7 +61,11 @@ def require_learn2learn() -> None:
 
 def side_by_side_parser(doc: str) -> argparse.ArgumentParser:
     """The options every side-by-side script takes: data root, datasets, rounds, threads, JSON out."""
-    default_root = os.environ.get("METAFEW_DATA") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
+    from metafew.paths import data_roots
+
+    # One folder for both libraries: metafew's rule ($METAFEW_DATA, else the user data dir, or
+    # ../shared/data beside a checkout), the last root as `make test` picks it.
+    default_root = str(data_roots()[-1])
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", default=default_root, help="holds omniglot/ and caltech101/ (default: %(default)s)")
     p.add_argument("--datasets", default="omniglot,caltech101", help="comma-separated (default: %(default)s)")

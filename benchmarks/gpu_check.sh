@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The GPU check, for a task that is lent a GPU: at most ~8 minutes on one GPU.
+# The GPU check, for a task that is lent a GPU: at most ~10 minutes on one GPU.
 #   bash benchmarks/gpu_check.sh            (from the repository root; writes $OUT or ./gpu_check/)
 # 1. the CUDA tests (they skip on a CPU-only machine);
 # 2. meta-training speed on CUDA: loop vs vmap_tasks, float32 vs bf16 (and learn2learn if installed);
-# 3. one row of the pretrained Omniglot recipe on CUDA, 600 fixed test episodes.
+# 3. one row of the pretrained Omniglot recipe on CUDA, 600 fixed test episodes;
+# 4. torchrun meta-training throughput on CUDA (NCCL, one GPU per process: 1 process, and 2 with two GPUs).
 # Every figure goes to $OUT/gpu_check.txt and the JSON files beside it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,4 +29,8 @@ timeout 90 "$PY" benchmarks/speed.py --datasets omniglot --methods maml,fomaml -
 log "one pretrained-recipe row on CUDA"
 timeout 150 .venv/bin/metafew bench --suite omniglot-pretrained --row protonet-5w1s --device cuda --no-progress \
   --out "$OUT/omniglot-pretrained-cuda.json" 2>&1 | tail -4 | tee -a "$OUT/gpu_check.txt"
+
+log "distributed meta-training on CUDA (torchrun, NCCL)"
+timeout 120 "$PY" benchmarks/distributed.py --device cuda --learners protonet,maml --steps 20 --warmup 3 \
+  --json "$OUT/distributed_cuda.json" 2>&1 | tail -3 | tee -a "$OUT/gpu_check.txt"
 log "done $(date -u)"

@@ -44,6 +44,8 @@ missing from the data root is skipped with a message saying how to download it.
     python benchmarks/medical.py --quick               # a smoke run, minutes on a CPU
     python benchmarks/medical.py --datasets pneumoniamnist --methods protonet --shots 10 --pretrain-seeds 0 1 2
     python benchmarks/medical.py --baselines only      # the pixel baselines alone (seconds per cell)
+    python benchmarks/medical.py --auto --shots 10     # the backbone and method metafew adapt --backbone auto
+                                                       # chooses per draw on its support images, vs the baselines
     python benchmarks/medical.py --tune                # the MAML / fine-tuning option sweep on the VALIDATION split
 
 Outputs in --out (default results/medical, or results/medical-quick): <name>.json,
@@ -97,6 +99,10 @@ INTERVALS = {
     "difference": "best model cell minus baseline, paired on the same draws (the model's per-draw value "
     "averaged over pretraining seeds): mean and 95% CI over draws; per_seed: the same for each seed alone. "
     "The best cell is chosen on the test split itself, which flatters it slightly",
+    "auto": "--auto cells: each draw's backbone and method chosen by metafew adapt --backbone auto's nested "
+    "selection (inner k-fold balanced accuracy on that draw's support images only, never the test split); "
+    "auto_comparison: their paired difference to each baseline over the same draws, beats = the 95% CI above 0 "
+    "on both balanced accuracy and AUC",
 }
 Log = Callable[[str], None]
 
@@ -285,12 +291,11 @@ def baseline_draws(
     split: str = "test",
 ) -> tuple[torch.Tensor, dict[str, Any]]:  # fmt: skip
     """Log-probabilities ``[draws, M, classes]`` of a pixel baseline (``BASELINE_ROWS``) on the same draws."""
-    from metafew.adaptation.baselines import BASELINES, FUNCTIONS
+    from metafew.adaptation.baselines import BASELINES, log_probabilities
     from metafew.data.medmnist import MedMNIST
 
     t0 = time.perf_counter()
     fn_name = BASELINE_ROWS[baseline]
-    fn = FUNCTIONS[fn_name]
     pool = MedMNIST(dataset, "train", root=data_root)
     test = MedMNIST(dataset, split, root=data_root)
     sizes = support_plan(pool.labels, pool.classes, shots)
@@ -298,9 +303,56 @@ def baseline_draws(
     out = []
     for i in range(draws):
         support = draw_indices(pool.labels, sizes, seed, i)
-        logits = fn(pool.images[support].to(device), pool.labels[support], xq, len(pool.classes)).cpu()
-        out.append(logits.double().log_softmax(-1).float())  # -inf (a class absent from the support) stays -inf
+        # as metafew.adapt's estimate scores them; -inf (a class absent from the support) stays -inf
+        out.append(
+            log_probabilities(fn_name, pool.images[support].to(device), pool.labels[support], xq, len(pool.classes))
+        )
     return torch.stack(out), {"description": BASELINES[fn_name], "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def auto_draws(
+    dataset: str, methods: Sequence[str], shots: int, draws: int, seed: int, device: torch.device,
+    data_root: str | None, candidates: Sequence[str] = (), split: str = "test", bn_stats: str = "support",
+) -> tuple[torch.Tensor, dict[str, Any]]:  # fmt: skip
+    """Log-probabilities ``[draws, M, classes]`` on ``split`` of the backbone and method chosen per draw.
+
+    ``metafew adapt --backbone auto``'s nested selection (:class:`metafew.adaptation.select.Selection`):
+    every shipped backbone (and ``candidates``) under each of ``methods``; each draw
+    chooses by the inner k-fold balanced accuracy on its own support images only (the
+    same draws as :func:`baseline_draws` and :func:`model_draws`), adapts the choice to
+    them, and is scored on ``split``, which the choice never sees: what
+    ``metafew.adaptation.estimate.estimate(choose=Selection.choose, test=...)`` does.
+    The final model's choice on all labelled images (``Selection.choose_all``) plays no part in it and is not made.
+    """
+    from metafew.adaptation.core import default_options
+    from metafew.adaptation.estimate import adapt_on, predict_logits
+    from metafew.adaptation.select import Selection, candidate_backbones, folds_for
+    from metafew.data.medmnist import MedMNIST
+    from metafew.seeding import derive_seed
+
+    t0 = time.perf_counter()
+    pool = MedMNIST(dataset, "train", root=data_root)
+    test = MedMNIST(dataset, split, root=data_root)
+    sel = Selection(
+        pool, candidate_backbones(candidates), list(methods), default_options={m: default_options(m) for m in methods},
+        options={}, device=device, data_root=data_root, skip_bad=False, bn_stats=bn_stats,  # type: ignore[arg-type]
+        query_bn="support", seed=seed,
+    )  # fmt: skip
+    sizes = support_plan(pool.labels, pool.classes, shots)
+    out, chosen = [], []
+    for i in range(draws):
+        support = draw_indices(pool.labels, sizes, seed, i)
+        c = sel.choose(i, support)  # from the support images alone
+        clf = adapt_on(c.learner, c.images, pool.labels, support, c.prep, device, derive_seed(seed, f"adapt-{i}"), c.bn)
+        out.append(predict_logits(clf, test.images, c.prep, device).log_softmax(-1))
+        chosen.append(c.name)
+        del clf
+    counts = {c.name: chosen.count(c.name) for c in sel.candidates}
+    return torch.stack(out), {
+        "candidates": [{k: v for k, v in c.describe().items() if k != "inner_score"} for c in sel.candidates],
+        "chosen_per_draw": chosen, "chosen_counts": counts, "inner_folds": folds_for(sizes), "bn_stats": bn_stats,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }  # fmt: skip
 
 
 # -- intervals --------------------------------------------------------------------------
@@ -482,6 +534,34 @@ def compare_to_baselines(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def compare_auto_to_baselines(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per automatic-choice cell (``--auto``): its paired difference to each baseline cell on the same draws.
+
+    Unlike :func:`compare_to_baselines`, nothing is chosen on the test split: each draw's
+    backbone and method were chosen on its support images. ``beats``: the 95% CI of the
+    difference lies above 0 on both balanced accuracy and AUC.
+    """
+    rows = []
+    for c in results["cells"].values():
+        if c.get("kind") != "auto":
+            continue
+        row: dict[str, Any] = {
+            "dataset": c["dataset"], "shots": c["shots"], "methods": c["methods"], "draws": c["draws"],
+            "chosen_counts": c["chosen_counts"], "baselines": {},
+        }  # fmt: skip
+        for b in results["cells"].values():
+            same = b["dataset"] == c["dataset"] and b["shots"] == c["shots"] and b["draws"] == c["draws"]
+            if b.get("kind") == "baseline" and same and b["draw_seed"] == c["draw_seed"]:
+                d = paired_differences(c, b)
+                for x in d.values():
+                    x.pop("per_seed", None)  # one "seed": the shipped backbones as they are
+                    x["above_zero"] = x["ci95"] is not None and x["mean"] - x["ci95"] > 0
+                d["beats"] = all(d.get(m, {}).get("above_zero", False) for m in ("balanced_accuracy", "auc"))
+                row["baselines"][b["method"]] = d
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r["dataset"], r["shots"]))
+
+
 # -- reporting --------------------------------------------------------------------------
 
 
@@ -559,6 +639,32 @@ def write_markdown(results: dict[str, Any], suite: dict[str, Any], path: Path) -
                 lines.append(
                     f"| {row['dataset']} | {row['shots']} | {model} | {name} | {fmt('balanced_accuracy')} | "
                     f"{fmt('auc')} | {fmt('accuracy')} |"
+                )
+        lines.append("")
+    auto = results.get("auto_comparison") or []
+    if auto:
+        lines += [
+            "## Backbone and method chosen per draw on its support images (`metafew adapt --backbone auto`) "
+            "minus each baseline, paired on the same draws (mean ± 95% CI over draws)",
+            "",
+            "| dataset | K | methods tried | chosen (draws) | baseline | balanced acc. | AUC | accuracy | beats |",
+            "|---|---:|---|---|---|---|---|---|---|",
+        ]
+        for row in auto:
+            chosen = ", ".join(f"{n} {k}" for n, k in row["chosen_counts"].items() if k)
+            for name, d in row["baselines"].items():
+
+                def fmt_auto(metric: str, d: dict[str, Any] = d) -> str:
+                    x = d.get(metric)
+                    if not x:
+                        return "n/a"
+                    ci = "n/a" if x["ci95"] is None else f"{x['ci95']:.3f}"
+                    return f"{x['mean']:+.3f} ± {ci}" + ("" if x["above_zero"] else " (CI not above 0)")
+
+                lines.append(
+                    f"| {row['dataset']} | {row['shots']} | {', '.join(row['methods'])} | {chosen} | {name} | "
+                    f"{fmt_auto('balanced_accuracy')} | {fmt_auto('auc')} | {fmt_auto('accuracy')} | "
+                    f"{'yes' if d['beats'] else '**no**'} |"
                 )
         lines.append("")
     path.write_text("\n".join(lines) + "\n")
@@ -688,6 +794,15 @@ def main(argv: list[str] | None = None) -> int:
         "--baselines", choices=["on", "off", "only"], default="on",
         help="pixel baseline rows at every dataset and K: with the model cells (on), not at all, or alone (only)",
     )  # fmt: skip
+    parser.add_argument(
+        "--auto", action="store_true",
+        help="instead of the suite's backbone x method cells, score the backbone and method chosen per draw by "
+        "`metafew adapt --backbone auto`'s nested selection on the support images (among the shipped backbones "
+        "and --candidates, under --methods, default protonet), paired with the baselines on the same draws",
+    )  # fmt: skip
+    parser.add_argument(
+        "--candidates", nargs="+", default=[], help="with --auto: backbone files tried besides the shipped ones"
+    )
     parser.add_argument("--no-plots", action="store_true", help="write the JSON and the tables only")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
@@ -746,9 +861,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             skipped.append(why)
             log(why)
-    methods = [] if args.baselines == "only" else suite["methods"]
+    from metafew.adaptation.select import DEFAULT_METHODS
+
+    auto_methods = list(args.methods or DEFAULT_METHODS) if args.auto and args.baselines != "only" else []
+    methods = [] if args.baselines == "only" or args.auto else suite["methods"]
     baselines = [] if args.baselines == "off" else list(BASELINE_ROWS)
-    total = len(datasets) * len(suite["shots"]) * (len(suite["backbones"]) * len(methods) + len(baselines))
+    cells_per_k = len(suite["backbones"]) * len(methods) + len(baselines) + (1 if auto_methods else 0)
+    total = len(datasets) * len(suite["shots"]) * cells_per_k
     done = 0
     start = time.perf_counter()
     draws, draw_seed = suite["draws"], suite["seed"]
@@ -771,6 +890,29 @@ def main(argv: list[str] | None = None) -> int:
                 results["cells"][key] = cell
                 _save(results, results_path)
                 log(f"[{done}/{total}] {dataset} {baseline} K={k}: {_line(cell)} ({info['seconds']:.0f} s)")
+            if auto_methods:
+                done += 1
+                bn = suite.get("bn_stats", "support")
+                key = json.dumps(
+                    [dataset, "auto", auto_methods, args.candidates, bn, k, draws, draw_seed, args.bootstrap]
+                )
+                if key not in results["cells"]:
+                    lp, info = auto_draws(
+                        dataset, auto_methods, k, draws, draw_seed, device, args.data_root, args.candidates,
+                        bn_stats=bn,
+                    )  # fmt: skip
+                    cell = summarise(lp[None], test.labels, test.classes, args.bootstrap, draw_seed)
+                    cell.update(
+                        kind="auto", dataset=dataset, backbone="auto", method="auto: " + ",".join(auto_methods),
+                        methods=auto_methods, shots=k, draws=draws, draw_seed=draw_seed, pretrain_seeds=[],
+                        extra_candidates=list(args.candidates), **facts, **info,
+                    )  # fmt: skip
+                    results["cells"][key] = cell
+                    _save(results, results_path)
+                    log(
+                        f"[{done}/{total}] {dataset} auto ({','.join(auto_methods)}) K={k}: {_line(cell)}; chosen "
+                        f"{info['chosen_counts']} ({info['seconds']:.0f} s)"
+                    )
         for backbone in suite["backbones"] if methods else []:
             recipes = [recipe_for(suite, backbone, dataset, s) for s in seeds]
             reason = missing_medmnist(recipes[0]["dataset"], args.data_root) if recipes[0]["dataset"] in OTHER else None
@@ -812,6 +954,15 @@ def main(argv: list[str] | None = None) -> int:
                     )
     results["skipped"] = earlier + skipped
     results["comparison"] = compare_to_baselines(results)
+    results["auto_comparison"] = compare_auto_to_baselines(results)
+    for row in results["auto_comparison"]:
+        for name, d in row["baselines"].items():
+            shown = ", ".join(
+                f"{m} {d[m]['mean']:+.3f} ± {d[m]['ci95'] if d[m]['ci95'] is None else round(d[m]['ci95'], 3)}"
+                for m in METRICS if m in d
+            )  # fmt: skip
+            verdict = "beats" if d["beats"] else "does NOT beat"
+            log(f"{row['dataset']} K={row['shots']}: the automatic choice {verdict} {name} ({shown})")
     _save(results, results_path)
     write_markdown(results, suite, out / f"{args.name}.md")
     written = [results_path, out / f"{args.name}.md"]

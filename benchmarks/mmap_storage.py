@@ -359,7 +359,7 @@ def decode_peak(args: argparse.Namespace) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-root", default=os.environ.get("METAFEW_DATA"))
+    parser.add_argument("--data-root", help="default: metafew's rule (metafew.paths.data_roots)")
     parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of {', '.join(SETTINGS)}")
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--sample-seconds", type=float, default=0.5)

@@ -219,7 +219,7 @@ def decode_table(doc: dict[str, Any]) -> str:
 
 
 def python_matrix_table(doc: dict[str, Any]) -> str:
-    """``.ci/python-matrix``: each Python version's install from PyPI and its smoke tests."""
+    """``.ci/python-matrix``: each Python version's install from the clone and its smoke tests."""
     lines = ["| Python | torch | smoke tests | install | tests | date |", "|---|---|---|---|---|---|"]
     for v in doc["versions"]:
         lines.append(

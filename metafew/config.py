@@ -757,12 +757,16 @@ def run_backbone(
     *,
     device: str | torch.device = "cpu",
     data_root: str | os.PathLike[str] | None = None,
+    download: bool = False,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The trained backbone of a run checkpoint (in eval mode) and what :func:`~metafew.checkpoint.save_backbone` records.
 
     The second item holds ``mean``, ``std``, ``dataset``, ``classes`` and ``extra``: the
     normalisation of a run is that of its training dataset (read from the record when it
     holds one, else from ``load_dataset(config.dataset, config.train_subset)``'s spec).
+    That dataset is loaded under the first-use rule: ``download=True`` fetches it when it is
+    missing (:func:`metafew.data.download.load_on_first_use`), as ``metafew export-backbone``
+    does unless ``--no-download``.
 
     >>> import tempfile
     >>> run = tempfile.mkdtemp()
@@ -776,9 +780,11 @@ def run_backbone(
         raise CheckpointError(f"{path} is not a run checkpoint (it records no run configuration)")
     mean, std, dataset, classes = record.get("mean"), record.get("std"), record.get("dataset"), None
     if mean is None or std is None:
-        from .data import load_dataset
+        from .data.download import load_on_first_use
 
-        train_ds = load_dataset(config.dataset, config.train_subset, root=data_root, **config.dataset_options())
+        train_ds = load_on_first_use(
+            config.dataset, config.train_subset, root=data_root, download=download, **config.dataset_options()
+        )
         mean, std, dataset, classes = train_ds.mean, train_ds.std, train_ds.name, list(train_ds.classes)
     extra = {
         "run": {"checkpoint": str(Path(path).expanduser()), "learner": config.learner, "step": record.get("step")},
@@ -789,12 +795,19 @@ def run_backbone(
 
 
 def export_backbone(
-    checkpoint: str | Path, out: str | Path, *, data_root: str | Path | None = None, overwrite: bool = False
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    data_root: str | Path | None = None,
+    overwrite: bool = False,
+    download: bool = False,
 ) -> Path:
     """Write the backbone of a run checkpoint as a plain backbone file (:func:`metafew.checkpoint.save_backbone`).
 
     ``out`` is checked before anything is read: an existing metafew backbone is
     replaced only with ``overwrite=True``, anything else never. Returns the file written.
+    The run's training dataset (its normalisation and classes) is read from ``data_root``;
+    ``download=True`` fetches it there on first use (see :func:`run_backbone`).
     """
     from .checkpoint import checkpoint_path, save_backbone
     from .outputs import guard_output
@@ -807,7 +820,7 @@ def export_backbone(
             f"{checkpoint} is not a run checkpoint (best/last.safetensors of metafew train or bench); "
             "a backbone file needs no export"
         )
-    backbone, info = run_backbone(checkpoint, data_root=data_root)
+    backbone, info = run_backbone(checkpoint, data_root=data_root, download=download)
     return save_backbone(
         backbone,
         path,

@@ -1,7 +1,10 @@
 """Shared fixtures: where the real datasets are, and a cache that never touches ~/.cache.
 
-* ``data_root``: ``$METAFEW_DATA``, else the repository's ``../shared/data``. Tests on
-  real data fail (not skip) when it is missing, so a broken data setup cannot pass CI.
+* ``data_root``: ``$METAFEW_DATA``, else the folder metafew's own rule finds
+  (:func:`metafew.paths.data_roots`, as ``make test`` does: the development data
+  ``../shared/data`` beside a checkout when there is one, else the user data dir that
+  ``make data`` / ``metafew data download`` fill). Tests on real data fail (not skip)
+  when it is missing, so a broken data setup cannot pass CI.
 * ``METAFEW_CACHE``: kept when set (a warm cache makes the suite fast); otherwise one
   temporary cache for the whole session, shared by the pytest-xdist workers so the
   datasets are decoded once per session.
@@ -26,20 +29,28 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(1)
 
 
-DEFAULT_DATA = REPO.parent / "shared" / "data"
+def default_data() -> Path:
+    """The data folder without ``$METAFEW_DATA``: the last of metafew's data roots, as ``make test`` picks it.
+
+    Read before the session's ``METAFEW_CACHE`` is set, since the user data dir lives in the
+    user's cache dir.
+    """
+    from metafew.paths import data_roots
+
+    return data_roots()[-1]
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _metafew_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Point METAFEW_CACHE at a session temp dir (unless set) and METAFEW_DATA at the data (unless set)."""
     mp = pytest.MonkeyPatch()
+    if not os.environ.get("METAFEW_DATA"):
+        mp.setenv("METAFEW_DATA", str(default_data()))
     if not os.environ.get("METAFEW_CACHE"):
         base = tmp_path_factory.getbasetemp()
         if os.environ.get("PYTEST_XDIST_WORKER"):
             base = base.parent  # shared by all workers of this session
         mp.setenv("METAFEW_CACHE", str(base / "metafew-cache"))
-    if not os.environ.get("METAFEW_DATA"):
-        mp.setenv("METAFEW_DATA", str(DEFAULT_DATA))
     for var in ("METAFEW_DATA", "METAFEW_CACHE"):  # absolute, for kernels and subprocesses run elsewhere
         mp.setenv(var, str(Path(os.environ[var]).expanduser().resolve()))
     yield

@@ -144,3 +144,68 @@ def test_pooled_interval_is_wider_than_the_draw_interval_when_seeds_differ():
     assert pooled["ci95"] > 5 * draws["ci95"]
     assert seeds["ci95"] > pooled["ci95"]  # t with 2 df is wider than the normal interval
     assert pooled["variance_components"]["seed"] == pytest.approx(0.0025, rel=0.2)
+
+
+AUTO_SUITE = """
+name = "medical-auto-toy"
+description = "toy"
+datasets = ["breastmnist"]
+methods = ["protonet"]
+shots = [3]
+draws = 3
+seed = 0
+backbones = []
+bn_stats = "support"
+"""
+
+
+def test_auto_mode_is_metafew_adapts_nested_choice_paired_with_the_baselines(tmp_path):
+    """``--auto``: each draw chooses on its support images as ``estimate(choose=Selection.choose)`` does, and is
+    compared with the baseline rows on the same draws (their AUC as the estimate computes it)."""
+    from metafew.adaptation.core import default_options
+    from metafew.adaptation.estimate import estimate
+    from metafew.adaptation.select import Selection, candidate_backbones
+    from metafew.data.medmnist import MedMNIST
+
+    bench = load_runner()
+    suite = tmp_path / "auto.toml"
+    suite.write_text(AUTO_SUITE)
+    argv = ["--suite", str(suite), "--out", str(tmp_path / "out"), "--name", "auto", "--auto", "--bootstrap", "50",
+            "--device", "cpu", "--no-plots", "--backbone-dir", str(tmp_path / "bb")]  # fmt: skip
+    assert bench.main(argv) == 0
+    results = json.loads((tmp_path / "out" / "auto.json").read_text())
+    (auto,) = [c for c in results["cells"].values() if c["kind"] == "auto"]
+    baselines = {c["method"]: c for c in results["cells"].values() if c["kind"] == "baseline"}
+    assert set(baselines) == set(bench.BASELINE_ROWS) and auto["methods"] == ["protonet"]
+    assert len(auto["chosen_per_draw"]) == 3 and sum(auto["chosen_counts"].values()) == 3
+
+    dev = torch.device("cpu")
+    pool, test = MedMNIST("breastmnist", "train"), MedMNIST("breastmnist", "test")
+    sel = Selection(
+        pool, candidate_backbones(), ["protonet"], default_options={"protonet": default_options("protonet")},
+        options={}, device=dev, data_root=None, skip_bad=False, bn_stats="support", query_bn="support", seed=0,
+    )  # fmt: skip
+    first = sel.candidates[0]
+    report = estimate(
+        first.learner, pool.images, pool.labels, pool.classes, first.prep, method="protonet", shots=3, draws=3,
+        seed=0, device=dev, test=(test.images, test.labels, test.name), warn=False, calibrate=False,
+        choose=sel.choose, bootstrap=0,
+    )  # fmt: skip
+    assert [d["chosen"] for d in report.per_draw] == auto["chosen_per_draw"]
+    for metric in ("accuracy", "balanced_accuracy", "auc"):
+        assert [d[metric] for d in report.per_draw] == pytest.approx(auto["per_draw"][metric][0])
+    assert report.baselines is not None
+    for row, name in bench.BASELINE_ROWS.items():
+        for metric in ("accuracy", "balanced_accuracy", "auc"):
+            ours = [d[metric] for d in report.baselines[name]["per_draw"]]
+            assert ours == pytest.approx(baselines[row]["per_draw"][metric][0]), (row, metric)
+
+    (row,) = results["auto_comparison"]
+    for name, b in baselines.items():
+        d = row["baselines"][name]
+        diff = np.asarray(auto["per_draw"]["auc"][0]) - np.asarray(b["per_draw"]["auc"][0])
+        assert d["auc"]["mean"] == pytest.approx(diff.mean())
+        assert d["auc"]["ci95"] == pytest.approx(1.96 * diff.std(ddof=1) / np.sqrt(3))  # paired over the draws
+        assert d["beats"] == (d["balanced_accuracy"]["above_zero"] and d["auc"]["above_zero"])
+    md = (tmp_path / "out" / "auto.md").read_text()
+    assert "chosen per draw on its support images" in md and "pixels-logistic" in md

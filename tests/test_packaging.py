@@ -89,3 +89,26 @@ def test_tomli_is_required_where_tomllib_is_missing() -> None:
     assert tomli and tomli[0].marker is not None, "Python 3.10 is supported but tomli is not a dependency there"
     assert tomli[0].marker.evaluate({"python_version": "3.10"})
     assert not tomli[0].marker.evaluate({"python_version": "3.11"})
+
+
+#: ``pip install metafew`` (or ``metafew[extra]``, ``-U metafew``...) as if it came from the package index.
+_FROM_INDEX = re.compile(r"pip3? install\s+(?:-{1,2}[\w-]+\s+)*[\"']?metafew(?![\w./-])")
+#: Wording that places such a command in the future, where the README has it.
+_NOT_YET = re.compile(r"once (?:it|metafew) is on (?:PyPI|the package index)")
+
+
+def test_no_text_offers_metafew_from_the_package_index() -> None:
+    """metafew is not on PyPI: the package and README say `pip install -e ".[extra]"` from a clone instead."""
+    texts = [REPO / "README.md", REPO / "CONTRIBUTING.md", *sorted((REPO / "metafew").rglob("*.py"))]
+    found = [
+        f"{path.relative_to(REPO)}:{n}: {line.strip()}"
+        for path in texts
+        if path.exists()
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if _FROM_INDEX.search(line) and not _NOT_YET.search(line)
+    ]
+    assert not found, "metafew is not on PyPI; say `pip install -e .` from a clone:\n" + "\n".join(found)
+    for offered in ("pip install metafew", "pip install metafew[tensorboard]", 'pip install -U "metafew[dev]"'):
+        assert _FROM_INDEX.search(offered), offered  # the check itself bites
+    for fine in ('pip install -e ".[tensorboard]"', "pip install dist/metafew-0.1.0-py3-none-any.whl"):
+        assert not _FROM_INDEX.search(fine), fine

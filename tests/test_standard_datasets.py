@@ -245,6 +245,7 @@ def test_tiered_imagenet_png_and_npz_layouts(tmp_path: Path, capsys: pytest.Capt
     assert info["files"]["train"].startswith("train_images.npz")
     code, out, _ = run_cli(capsys, "data", "info", "tiered-imagenet", "--data-root", tmp_path)
     assert code == 0 and "val: 97 classes, 194 images" in out and "_images_png.pkl" in out
+    assert "memory: the first load of a subset from its PNG pickle (val, test) reads the pickle whole" in out
 
 
 def test_tiered_imagenet_missing_subset_and_bad_png(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from metafew.engine import tensorboard as tb
 
 needs_tensorboard = pytest.mark.skipif(
     importlib.util.find_spec("tensorboard") is None,
-    reason="tensorboard is not installed (pip install metafew[tensorboard])",
+    reason='tensorboard is not installed (pip install -e ".[tensorboard]")',
 )
 
 
@@ -126,13 +126,16 @@ def test_without_the_package_tensorboard_is_a_one_line_error(capsys, tmp_path: P
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # what an environment without it gives
     code, _, err = run_cli(capsys, *TRAIN, "--steps", "2", "--out", tmp_path / "run", "--tensorboard")
     assert_one_line_error(
-        code, err, "TensorBoard logging needs the tensorboard package", "pip install metafew[tensorboard]"
+        code,
+        err,
+        "TensorBoard logging needs the tensorboard package",
+        'pip install -e ".[tensorboard]" from a metafew clone',
     )
     assert not (tmp_path / "run").exists()  # refused before anything was written
     code, _, err = run_cli(
         capsys, "pretrain", "--dataset", "breastmnist", "--out", tmp_path / "b", "--tensorboard", tmp_path / "tb"
     )
-    assert_one_line_error(code, err, "pip install metafew[tensorboard]")
+    assert_one_line_error(code, err, 'pip install -e ".[tensorboard]"')
     assert not list(tmp_path.iterdir())
 
 

@@ -9,7 +9,17 @@ every draw's support set and held-out images:
   fitted by a fixed number of L-BFGS iterations with weight decay (from zero weights,
   so the same support set always gives the same probe).
 
-Pixels are ``[0, 255] -> [0, 1]``, average-pooled to at most :data:`MAX_SIDE` per side
+Both give logits; :func:`log_probabilities` turns them into the log-probabilities that
+the estimate scores, as it scores the model's (accuracy from their argmax, macro
+one-vs-rest AUC from their ranking, :func:`metafew.adaptation.metrics.compute_metrics`):
+
+* nearest class mean: the softmax of minus the squared Euclidean distances to the class
+  means, the head ProtoNet puts on its features (here on the pixels themselves; the
+  posterior of Gaussian classes with a shared isotropic covariance and equal priors);
+* logistic probe: its own softmax, the probabilities it was fitted to.
+
+Neither is calibrated (the distance scale grows with the number of pixels), which does
+not change the accuracy or the AUC. Pixels are ``[0, 255] -> [0, 1]``, average-pooled to at most :data:`MAX_SIDE` per side
 (a 224x224 image would otherwise give 150k features per image), flattened, and
 standardised by the support set's per-feature mean and standard deviation (a feature
 constant on the support set is only centred). Pure torch, on whatever device the
@@ -35,7 +45,9 @@ BASELINES: dict[str, str] = {
 
 __all__ = [
     "BASELINES",
+    "FUNCTIONS",
     "BaselineFn",
+    "log_probabilities",
     "logistic_pixels",
     "nearest_mean_pixels",
     "pixel_features",
@@ -120,3 +132,15 @@ def logistic_pixels(
 
 
 FUNCTIONS: dict[str, BaselineFn] = {"nearest_mean_pixels": nearest_mean_pixels, "logistic_pixels": logistic_pixels}
+
+
+def log_probabilities(name: str, support: Tensor, labels: Tensor, query: Tensor, num_classes: int) -> Tensor:
+    """Log-probabilities ``[M, num_classes]`` (float64, on the CPU) of baseline ``name`` on the query images.
+
+    The log-softmax of the baseline's logits, kept in float64: squared pixel distances
+    differ by hundreds, and in float32 the log-probability of every confident image would
+    round to exactly 0, ties that lower the AUC. A class absent from the support set
+    stays at ``-inf``.
+    """
+    logits = FUNCTIONS[name](support, labels, query, num_classes)
+    return logits.double().log_softmax(-1).cpu()

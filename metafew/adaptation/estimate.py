@@ -16,7 +16,8 @@ e.g. the official MedMNIST test split). It reports, across draws:
 * macro one-vs-rest AUC: the same;
 * per-class recall and the confusion matrix, both pooled (summed) over draws;
 * two baselines that need no backbone (:mod:`.baselines`), scored on the same support
-  draws and held-out images: their accuracies and the paired differences
+  draws and held-out images: their accuracy, balanced accuracy and macro AUC (from
+  their log-probabilities, computed as the model's are) and the paired differences
   model-minus-baseline over the draws (``report.baselines``), so the report says when
   the backbone is not helping.
 
@@ -47,7 +48,7 @@ from ..errors import DatasetError
 from ..learners import Classifier, Learner
 from ..learners.bn import BNPolicy
 from ..seeding import derive_seed, generator, seeded
-from .baselines import BASELINES, FUNCTIONS
+from .baselines import BASELINES, FUNCTIONS, log_probabilities
 from .metrics import BOOTSTRAP_RESAMPLES, Metrics, bootstrap_draws_interval, compute_metrics, mean_ci95, plot_confusion
 from .outputs import REPORT_FORMAT, check_output, write_text
 from .preprocess import Preprocessing
@@ -233,8 +234,9 @@ class AdaptationReport:
     seconds: float = 0.0
     temperature: float | None = None  # fitted on the held-out predictions (None: not fitted)
     alignment: dict[str, Any] | None = None  # the backbone's alignment to unlabeled images (None: not aligned)
-    # name -> {"description", "accuracy", "balanced_accuracy" (Summary dicts), "difference" (model minus
-    # baseline, paired over draws: {metric: {"mean", "ci95"}}), "per_draw"}; None: not scored (older reports)
+    # name -> {"description", "accuracy", "balanced_accuracy", "auc" (Summary dicts), "difference" (model minus
+    # baseline, paired over draws: {metric: {"mean", "ci95", "draws"}}), "per_draw"}; None: not scored (older
+    # reports; those before the baselines' AUC have no "auc")
     baselines: dict[str, dict[str, Any]] | None = None
     warnings: list[str] = field(default_factory=list)  # about the data and the backbone (e.g. channel mismatch)
     # backbone="auto": {"candidates": [{"name", "backbone", "method", "inner_score", "chosen_in_draws",
@@ -273,7 +275,7 @@ class AdaptationReport:
         if self.selection:
             lines.extend(selection_lines(self.selection, self.draws))
         if self.accuracy is not None and self.baselines:
-            lines.extend(baseline_lines(self.baselines))
+            lines.extend(baseline_lines(self.baselines, advice=baseline_advice(self)))
         if self.temperature is not None:
             lines.append(
                 f"probabilities calibrated on the held-out predictions of the draws (softmax temperature {self.temperature:.3g})"
@@ -348,57 +350,128 @@ def selection_lines(sel: dict[str, Any], draws: int) -> list[str]:
     return lines
 
 
+BASELINE_METRICS = ("accuracy", "balanced_accuracy", "auc")
+
+
 def baseline_metric(b: dict[str, Any]) -> str:
-    """The metric a baseline is compared on: balanced accuracy when known, else accuracy."""
+    """The accuracy a baseline is compared on: balanced accuracy when known, else accuracy."""
     d = b.get("difference") or {}
     return "balanced_accuracy" if d.get("balanced_accuracy") else "accuracy"
 
 
-def beats(b: dict[str, Any]) -> bool:
-    """Whether the model's paired difference to baseline ``b`` has its 95% CI above 0."""
-    d = (b.get("difference") or {}).get(baseline_metric(b))
-    if not d:
-        return False
-    mean, ci = float(d["mean"]), float(d["ci95"])
-    return not np.isnan(ci) and mean - ci > 0
+def compared_metrics(b: dict[str, Any]) -> list[str]:
+    """What the model must beat baseline ``b`` on: its (balanced) accuracy, and the macro AUC when both have one."""
+    d = b.get("difference") or {}
+    return [baseline_metric(b)] + (["auc"] if d.get("auc") else [])
 
 
-def baseline_lines(baselines: dict[str, dict[str, Any]]) -> list[str]:
-    """Summary lines on the baselines: their score, the model's paired difference, and whether it beats them."""
+def _interval(d: dict[str, Any]) -> bool:
+    """Whether a paired difference has an interval (two draws or more; older reports: a finite ci95)."""
+    ci = d.get("ci95")
+    return ci is not None and not np.isnan(float(ci)) and int(d.get("draws", 2)) >= 2
+
+
+def beats(b: dict[str, Any], metric: str | None = None) -> bool:
+    """Whether the model's paired difference to baseline ``b`` has its 95% CI above 0.
+
+    On ``metric``, or (None) on every metric of :func:`compared_metrics`; False without
+    an interval (a single draw).
+    """
+    diffs = b.get("difference") or {}
+    for m in [metric] if metric else compared_metrics(b):
+        d = diffs.get(m)
+        if not d or not _interval(d) or float(d["mean"]) - float(d["ci95"]) <= 0:
+            return False
+    return True
+
+
+def _label(metric: str) -> str:
+    return "AUC" if metric == "auc" else metric.replace("_", " ")
+
+
+def baseline_advice(report: AdaptationReport) -> str:
+    """What to try when the model does not beat a baseline, for this report's backbone, method and shots."""
+    sel = report.selection
+    methods = {c.get("method") for c in sel.get("candidates", [])} if sel else {report.method}
+    tips = []
+    if sel:
+        tips.append("a backbone pretrained on images closer to yours (--candidate FILE; every shipped one was tried)")
+    else:
+        tips.append("another backbone (or --backbone auto to try every shipped one)")
+    if "finetune" not in methods:  # under auto: add it to the methods tried
+        tips.append("--method " + (",".join([*sorted(m for m in methods if m), "finetune"]) if sel else "finetune"))
+    tips.append("more labelled images" if report.shots == "all" else "more shots")
+    return ", ".join(tips[:-1]) + " or " + tips[-1]
+
+
+def baseline_lines(
+    baselines: dict[str, dict[str, Any]], advice: str = "another backbone, --method finetune or more shots"
+) -> list[str]:
+    """Summary lines on the baselines: their scores, the model's paired differences, and whether it beats them.
+
+    ``advice``: what to try when it does not (:func:`baseline_advice` tailors it to the report).
+    """
     lines = ["baselines without a backbone, on the same draws and held-out images:"]
+    single = False
     for name, b in baselines.items():
-        metric = baseline_metric(b)
-        label = metric.replace("_", " ")
-        s = b.get(metric)
-        d = (b.get("difference") or {}).get(metric)
-        score = str(Summary(**s)) if s else "n/a"
-        diff = f"model minus baseline {d['mean']:+.3f} ± {d['ci95']:.3f}" if d else "no paired difference"
-        lines.append(f"  {name} ({b.get('description', '')}): {label} {score}; {diff}")
+        metrics = compared_metrics(b)
+        diffs = b.get("difference") or {}
+        scores = [
+            f"{_label(m)} {Summary(**b[m]) if b.get(m) else 'n/a'}"
+            for m in (baseline_metric(b), "auc")
+            if m != "auc" or b.get(m)
+        ]
+        lines.append(f"  {name} ({b.get('description', '')}): " + "; ".join(scores))
+        shown = []
+        for metric in metrics:
+            d = diffs.get(metric)
+            if not d:
+                continue
+            if _interval(d):
+                shown.append(f"{_label(metric)} {d['mean']:+.3f} ± {d['ci95']:.3f}")
+            else:
+                shown.append(f"{_label(metric)} {d['mean']:+.3f} (no interval)")
+                single = True
+        lines.append("    model minus baseline, paired over draws: " + (", ".join(shown) or "no paired difference"))
+    if single:
+        lines.append(
+            "one support draw gives no interval, so it cannot tell whether the model beats the baselines: "
+            "use more draws (--draws or eval_draws, e.g. 20 or 100)"
+        )
+        return lines
     for name, b in baselines.items():
-        if not beats(b):
-            lines.append(
-                f"the model does not beat {name} on these images; "
-                "try another backbone, --method finetune, or more shots"
-            )
+        if beats(b):
+            continue
+        lost = [_label(m) for m in compared_metrics(b) if not beats(b, m)]
+        on = " and ".join(lost) if lost else _label(baseline_metric(b))
+        lines.append(f"the model does not beat {name} on these images ({on}); try {advice}")
     return lines
 
 
 def summarise_baseline(
     name: str, model_draws: Sequence[dict[str, Any]], draws: Sequence[dict[str, Any]]
 ) -> dict[str, Any]:
-    """The report entry of one baseline: its per-draw scores, their summaries and the paired differences."""
+    """The report entry of one baseline: its per-draw scores, their summaries and the paired differences.
+
+    ``difference[metric]``: the mean and 95% CI half-width of the per-draw differences
+    model minus baseline (paired: the same support draw and scored images), over the
+    ``draws`` draws where both have the metric.
+    """
     out: dict[str, Any] = {"description": BASELINES[name], "difference": {}, "per_draw": list(draws)}
-    for metric in ("accuracy", "balanced_accuracy"):
-        s = Summary.of([d[metric] for d in draws])
+    for metric in BASELINE_METRICS:
+        s = Summary.of([d.get(metric) for d in draws])
         out[metric] = asdict(s) if s is not None else None
         diffs = [
             m[metric] - d[metric]
             for m, d in zip(model_draws, draws)
-            if m[metric] is not None and d[metric] is not None and not np.isnan(m[metric]) and not np.isnan(d[metric])
+            if m.get(metric) is not None
+            and d.get(metric) is not None
+            and not np.isnan(m[metric])
+            and not np.isnan(d[metric])
         ]
         if diffs:
             mean, ci = mean_ci95(diffs)
-            out["difference"][metric] = {"mean": mean, "ci95": ci}
+            out["difference"][metric] = {"mean": mean, "ci95": ci if len(diffs) > 1 else None, "draws": len(diffs)}
     return out
 
 
@@ -530,9 +603,11 @@ def estimate(
         if base_draws:
             xs, ys = images[support].to(device), labels[support]
             xq = (images[scored_idx] if test is None else x_eval).to(device)
-            for name, fn in FUNCTIONS.items():
-                bm = compute_metrics(fn(xs, ys, xq, len(classes)).cpu(), y_eval, classes)
-                base_draws[name].append({"accuracy": bm.accuracy, "balanced_accuracy": bm.balanced_accuracy})
+            for name in FUNCTIONS:
+                bm = compute_metrics(log_probabilities(name, xs, ys, xq, len(classes)), y_eval, classes)
+                base_draws[name].append(
+                    {"accuracy": bm.accuracy, "balanced_accuracy": bm.balanced_accuracy, "auc": bm.auc}
+                )
         if progress is not None:
             progress(i + 1, draws_run)
         del classifier

@@ -22,7 +22,7 @@ that names no ``backbone_checkpoint`` from it.
 
 ``--suite NAME`` resolves as a path, else ``./benchmarks/suites/NAME.toml``, else the
 suites that came with metafew: ``<repo>/benchmarks/suites`` in a source checkout, the
-same files installed as ``metafew/suites`` by a wheel (``pip install metafew``).
+same files installed as ``metafew/suites`` by a wheel (``python -m build`` in a clone, then ``pip install dist/metafew-*.whl``).
 """
 
 from __future__ import annotations

@@ -29,8 +29,8 @@ EVAL_RENAMES = {"test_subset": "--subset", "eval_episodes": "--episodes", "eval_
 
 EPILOG = """\
 examples:
-  metafew eval --checkpoint runs/proto-5w1s/best.safetensors            # its own dataset and setting, 600 episodes
-  metafew eval --checkpoint runs/proto-5w1s/best.safetensors --n-way 20 --k-shot 5
+  metafew eval --checkpoint runs/protonet-5w1s/best.safetensors         # its own dataset and setting, 600 episodes
+  metafew eval --checkpoint runs/protonet-5w1s/best.safetensors --n-way 20 --k-shot 5
   metafew eval --checkpoint backbone.safetensors --learner protonet --dataset omniglot --n-way 5 --k-shot 1
   metafew eval --checkpoint runs/proto-lake/best.safetensors --lake   # Lake et al.'s 20 official runs
   metafew eval --checkpoint runs/x/best.safetensors --dataset pneumoniamnist --n-way 2 --k-shot 5 --json out.json

@@ -38,8 +38,8 @@ examples:
   metafew bench                                   # the quick suite: a few minutes on a CPU
   metafew bench --suite omniglot --out results/omniglot.json
   metafew train --dataset omniglot --learner protonet --n-way 5 --k-shot 1 \\
-                --train-way 60 --train-query 5 --steps 20000 --out runs/proto-5w1s
-  metafew eval --checkpoint runs/proto-5w1s/best.safetensors --episodes 600
+                --train-way 60 --train-query 5 --steps 20000 --out runs/protonet-5w1s
+  metafew eval --checkpoint runs/protonet-5w1s/best.safetensors --episodes 600
 
 Run `metafew COMMAND --help` for the options of a command."""
 

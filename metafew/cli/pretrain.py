@@ -39,7 +39,7 @@ weights an uninterrupted run gives, bit for bit (a checkpoint of another recipe 
 
 --tensorboard [DIR] also writes each epoch's row of the log (loss, accuracy, learning rate,
 validation figures with their 95% CI, time per step) as TensorBoard scalars, into DIR
-(default: OUT.tensorboard/); it needs `pip install metafew[tensorboard]`.
+(default: OUT.tensorboard/); it needs `pip install -e ".[tensorboard]"` from the clone.
   metafew pretrain --dataset omniglot --out backbones/conv4-omniglot --tensorboard
   tensorboard --logdir backbones"""
 
@@ -97,7 +97,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         const=True,
         default=None,
         metavar="DIR",
-        help="also log to TensorBoard, into DIR (default: OUT.tensorboard/); needs pip install metafew[tensorboard]",
+        help=(
+            "also log to TensorBoard, into DIR (default: OUT.tensorboard/); "
+            'needs pip install -e ".[tensorboard]" from the clone'
+        ),
     )
     return p
 

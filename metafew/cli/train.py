@@ -15,22 +15,22 @@ EPILOG = """\
 examples:
   # ProtoNet as in Snell et al. 2017: 60-way 5-query training, Adam 1e-3 halved every 2000 episodes
   metafew train --dataset omniglot --learner protonet --n-way 5 --k-shot 1 --train-way 60 --train-query 5 \\
-                --steps 20000 --schedule step --step-size 2000 --out runs/proto-5w1s
+                --steps 20000 --schedule step --step-size 2000 --out runs/protonet-5w1s
   # MAML, 5-way 1-shot (Finn et al. 2017): inner lr 0.4, 1 step, meta-batch 32
   metafew train --learner maml --n-way 5 --k-shot 1 --option inner_lr=0.4 --option inner_steps=1 \\
                 --meta-batch-size 32 --steps 60000 --out runs/maml-5w1s
   # the exact settings of a row of a benchmark suite
   metafew train --suite omniglot --row reptile-5w1s --out runs/reptile-5w1s
   # continue an interrupted run (Ctrl-C saves a checkpoint)
-  metafew train --out runs/proto-5w1s --resume ...same options...
+  metafew train --out runs/protonet-5w1s --resume ...same options...
 
 Writes OUT/last.safetensors (full training state), OUT/best.safetensors (best validation
 weights), OUT/log.jsonl and OUT/learning_curve.png. Evaluate with `metafew eval --checkpoint OUT/best.safetensors`.
 
 --tensorboard [DIR] also writes each row of log.jsonl (training loss and accuracy, learning
 rate, validation accuracy with its 95% CI, time per step) as TensorBoard scalars, into DIR
-(default: OUT/tensorboard); it needs `pip install metafew[tensorboard]`.
-  metafew train --out runs/proto-5w1s --tensorboard ...   then: tensorboard --logdir runs"""
+(default: OUT/tensorboard); it needs `pip install -e ".[tensorboard]"` from the clone.
+  metafew train --out runs/protonet-5w1s --tensorboard ...   then: tensorboard --logdir runs"""
 
 # RunConfig fields `metafew train` takes as flags.
 CONFIG_FLAGS = [
@@ -133,7 +133,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         const=True,
         default=None,
         metavar="DIR",
-        help="also log to TensorBoard, into DIR (default: OUT/tensorboard); needs pip install metafew[tensorboard]",
+        help=(
+            "also log to TensorBoard, into DIR (default: OUT/tensorboard); "
+            'needs pip install -e ".[tensorboard]" from the clone'
+        ),
     )
     return p
 

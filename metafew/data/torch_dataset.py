@@ -1,10 +1,10 @@
 """Any map-style torch ``Dataset`` of ``(image, label)`` as a :class:`FewShotDataset`.
 
 :func:`from_torch_dataset` (also :meth:`FewShotDataset.from_torch`) reads the dataset
-once: labels from its ``targets`` attribute when it has one (torchvision's
-``ImageFolder``, ``CIFAR100``, ``MNIST``...), else from its items; every image (a PIL
-image, a uint8 or ``[0, 1]`` float tensor ``[C, H, W]``, a numpy array ``[H, W, C]``
-or ``[H, W]``) becomes uint8 ``[C, H, W]`` of one size through
+once, each item at most once: labels from its ``targets`` attribute when it has one
+(torchvision's ``ImageFolder``, ``CIFAR100``, ``MNIST``...), else from its items; every
+image (a PIL image, a uint8 or ``[0, 1]`` float tensor ``[C, H, W]``, a numpy array
+``[H, W, C]`` or ``[H, W]``) becomes uint8 ``[C, H, W]`` of one size through
 :func:`metafew.data.decode.convert_image`, so a user's dataset is decoded the way
 metafew decodes files. Given a ``name``, the decoded array is cached on disk: the
 next call with that name reads neither the images nor, with ``targets``, the items.
@@ -72,8 +72,10 @@ def from_torch_dataset(
     if channels is not None and channels not in (1, 3):
         raise DatasetError(f"{title}: channels must be 1 or 3, got {channels!r}")
     targets = _targets(dataset, n, title)
+    first_item: tuple[Any, Any] | None = None  # kept, so that decoding does not read item 0 again
     if size is None or channels is None:  # the first image says (one item read)
-        first = _pil(_item(dataset, 0, title)[0], 0, title)
+        first_item = _item(dataset, 0, title)
+        first = _pil(first_item[0], 0, title)
         channels = channels or image_channels(first)
         size = size or (first.height, first.width)
     chans = int(channels)
@@ -83,7 +85,7 @@ def from_torch_dataset(
         images = np.empty((n, chans, size[0], size[1]), dtype=np.uint8)
         labels = np.empty(n, dtype=np.int64)
         for i in progress(range(n), desc=f"decoding {title}", enable=show_progress, unit="img"):
-            image, label = _item(dataset, i, title)
+            image, label = first_item if i == 0 and first_item is not None else _item(dataset, i, title)
             images[i] = convert_image(_pil(image, i, title), size, chans)
             labels[i] = _label(label, f"{title}: item {i}")
         found["labels"] = labels

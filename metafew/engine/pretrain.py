@@ -373,7 +373,7 @@ def pretrain(
         checkpoint_every: also save ``OUT.resume.safetensors`` every N steps (default: at the
             end of each epoch and on Ctrl-C only).
         tensorboard: also write each epoch's log row as TensorBoard scalars: ``True`` (into
-            ``OUT.tensorboard/``) or a folder (needs ``pip install metafew[tensorboard]``).
+            ``OUT.tensorboard/``) or a folder (needs the ``tensorboard`` extra: ``pip install -e ".[tensorboard]"``).
 
     Under ``torchrun`` (or in any initialised process group) the work is split with
     ``DistributedDataParallel`` over the ranks (see the module docstring); ``batch_size``

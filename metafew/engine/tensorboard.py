@@ -16,7 +16,8 @@ an earlier session wrote (a crashed session's past its last checkpoint, or those
 run since replaced), as rows past the checkpoint are dropped from the JSON-lines log. A
 fresh run also removes the event files from its own default folder.
 
-The ``tensorboard`` package is optional: ``pip install metafew[tensorboard]``.
+The ``tensorboard`` package is optional: ``pip install -e ".[tensorboard]"`` from a metafew
+clone (metafew is not on PyPI yet), or ``pip install tensorboard``.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from ..outputs import check_writable, writing
 FOLDER = "tensorboard"
 #: How the files SummaryWriter writes are named (``events.out.tfevents.<time>.<host>...``).
 EVENT_PREFIX = "events.out.tfevents."
-INSTALL_HINT = "pip install metafew[tensorboard]"
+INSTALL_HINT = 'pip install -e ".[tensorboard]" from a metafew clone (or pip install tensorboard)'
 
 # Log keys -> TensorBoard tags; a key not listed is written under its own name.
 _TAGS = {
