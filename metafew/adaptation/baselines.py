@@ -19,7 +19,9 @@ one-vs-rest AUC from their ranking, :func:`metafew.adaptation.metrics.compute_me
 * logistic probe: its own softmax, the probabilities it was fitted to.
 
 Neither is calibrated (the distance scale grows with the number of pixels), which does
-not change the accuracy or the AUC. Pixels are ``[0, 255] -> [0, 1]``, average-pooled to at most :data:`MAX_SIDE` per side
+not change the accuracy or the AUC.
+
+Pixels are ``[0, 255] -> [0, 1]``, average-pooled to at most :data:`MAX_SIDE` per side
 (a 224x224 image would otherwise give 150k features per image), flattened, and
 standardised by the support set's per-feature mean and standard deviation (a feature
 constant on the support set is only centred). Pure torch, on whatever device the

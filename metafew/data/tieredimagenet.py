@@ -27,8 +27,8 @@ Memory: a pickle cannot be read in parts, so the first load of a subset from
 memory is about that file's size, held while the images are decoded a block at a time into
 the cache file (the memory map of a dataset over the budget; the decoded array never exists
 whole in memory on that path). Measured (tracemalloc, memory-mapped): 120 MiB for an 89 MiB
-pickle of 2,910 PNGs (59 MiB decoded), the chunks in flight to the decode processes included. Later loads read or map the
-cache and never open the pickle again. A ``{subset}_images.npz`` is read a block of rows at
+pickle of 2,910 PNGs (59 MiB decoded), the chunks in flight to the decode processes
+included. Later loads read or map the cache and never open the pickle again. A ``{subset}_images.npz`` is read a block of rows at
 a time. ``metafew data info tiered-imagenet`` says which applies (``memory``).
 """
 
